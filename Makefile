@@ -1,0 +1,36 @@
+# One front door for developer commands. `make run` and `make test` are the README's two.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test check lint fmt clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: install into .venv and start edge on 127.0.0.1:8080 (embedded Redis, demo upstream
+##      unless EDGE_REDIS_URL / EDGE_UPSTREAM_URL are set)
+run: $(STAMP)
+	$(BIN)/edge serve
+
+## test: install, make sure redis-server exists, run the whole suite
+test: $(STAMP)
+	bash scripts/ensure-redis.sh
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## check: lint, format check, strict typing of the package
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

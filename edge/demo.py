@@ -1,0 +1,198 @@
+"""The built-in demo upstream: an OpenAI-compatible stand-in used when no EDGE_UPSTREAM_URL is
+set, so `make run` answers offline. It is a demo and says so in every answer.
+
+It serves `GET /v1/models`, `POST /v1/chat/completions` (plain and `stream: true`),
+`POST /v1/completions` and `POST /v1/embeddings` on a loopback port of its own; edge proxies to
+it exactly as it would to a real provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("edge.demo")
+
+MODEL = "edge-demo"
+NOTICE = (
+    "[edge demo upstream] This answer comes from edge's built-in demo, not from a language "
+    "model. Set EDGE_UPSTREAM_URL and EDGE_UPSTREAM_API_KEY to proxy to a real provider."
+)
+DEMO_HEADERS = {"x-edge-demo": "true"}
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload),
+        status=status,
+        content_type="application/json",
+        headers=DEMO_HEADERS,
+    )
+
+
+def _error(message: str, status: int, code: str) -> web.Response:
+    err = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return _json({"error": err}, status)
+
+
+async def _body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _reply_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    if isinstance(last, str) and last:
+        return f"{NOTICE} You said: {last[:200]}"
+    return NOTICE
+
+
+async def models(_: web.Request) -> web.Response:
+    model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "edge-demo"}
+    return _json({"object": "list", "data": [model]})
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    if body is None:
+        return _error("The request body is not a JSON object.", 400, "invalid_json")
+    text = _reply_text(body)
+    ident, created, model = (
+        f"chatcmpl-{uuid.uuid4().hex}",
+        int(time.time()),
+        body.get("model", MODEL),
+    )
+    if body.get("stream"):
+        return await _stream(request, ident, created, model, text)
+    words = len(text.split())
+    return _json(
+        {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": words + 1},
+        }
+    )
+
+
+async def _stream(
+    request: web.Request, ident: str, created: int, model: Any, text: str
+) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={"content-type": "text/event-stream", "cache-control": "no-cache", **DEMO_HEADERS}
+    )
+    await resp.prepare(request)
+    pieces = [{"role": "assistant", "content": ""}] + [
+        {"content": word + " "} for word in text.split()
+    ]
+    for i, delta in enumerate([*pieces, {}]):
+        chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(pieces) else None}
+            ],
+        }
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def completions(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if body is None:
+        return _error("The request body is not a JSON object.", 400, "invalid_json")
+    return _json(
+        {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model", MODEL),
+            "choices": [{"index": 0, "text": NOTICE, "finish_reason": "stop", "logprobs": None}],
+        }
+    )
+
+
+def _vector(text: str, dims: int = 8) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(b / 255 * 2 - 1, 4) for b in digest[:dims]]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if body is None:
+        return _error("The request body is not a JSON object.", 400, "invalid_json")
+    given = body.get("input", "")
+    inputs = given if isinstance(given, list) else [given]
+    data = [
+        {"object": "embedding", "index": i, "embedding": _vector(str(item))}
+        for i, item in enumerate(inputs)
+    ]
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", MODEL),
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        }
+    )
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return _error(f"The demo upstream has no {request.method} {request.path}.", 404, "not_found")
+
+
+def demo_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def start_demo_upstream() -> AsyncIterator[str]:
+    """Serve the demo on a free loopback port; yields its OpenAI base URL."""
+    runner = web.AppRunner(demo_app(), access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    log.warning(
+        "DEMO UPSTREAM in use: no EDGE_UPSTREAM_URL is set, so answers are canned by edge "
+        "itself (http://127.0.0.1:%d/v1), not produced by a model",
+        port,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+        sock.close()

@@ -1,0 +1,131 @@
+"""Admission: one `admit.lua` call per request, decoded into a `Decision`, and the rate-limit
+headers that tell the client where it stands.
+
+The I/O is one await; decoding the reply and building the headers are plain functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from edge.keys import ParsedKey, bucket_keys, record_key
+from edge.metrics import Metrics
+from edge.scripts import RedisUnavailable, Script
+from edge.settings import Plan
+
+ADMITTED, UNKNOWN, REVOKED, EXPIRED, PAUSED, MINUTE_EMPTY, DAY_EMPTY, PLAN_MISSING = range(8)
+Headers = list[tuple[bytes, bytes]]
+
+
+class Decision(NamedTuple):
+    code: int
+    plan: str
+    rpm: int = 0
+    rpd: int = 0
+    minute_remaining: int = 0
+    minute_reset_ms: int = 0
+    day_remaining: int = 0
+    day_reset_ms: int = 0
+    retry_ms: int = 0
+
+    @property
+    def has_limits(self) -> bool:
+        return self.code in (ADMITTED, MINUTE_EMPTY, DAY_EMPTY)
+
+
+def decode(reply: Sequence[Any]) -> Decision:
+    """The script's flat reply (see the header of admit.lua) as a `Decision`."""
+    code = int(reply[0])
+    if len(reply) == 1:
+        return Decision(code, "")
+    plan = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    return Decision(code, plan, *(int(v) for v in reply[2:9]))
+
+
+def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
+    """The plan table as admit.lua's ARGV tail: name, rpm, rpd, …"""
+    args: list[str | int] = []
+    for name, plan in plans.items():
+        args += [name, plan.rpm, plan.rpd]
+    return args
+
+
+class Limiter:
+    def __init__(self, client: Any, script: Script, plans: Mapping[str, Plan], metrics: Metrics):
+        self.client = client
+        self.script = script
+        self.plan_args = plan_args(plans)
+        self.metrics = metrics
+        self._noscript = metrics.redis_error["noscript"].inc
+
+    async def admit(self, key: ParsedKey) -> Decision:
+        minute, day = bucket_keys(key.kid)
+        try:
+            reply = await self.script(
+                self.client,
+                (record_key(key.kid), minute, day),
+                (key.hash, *self.plan_args),
+                self._noscript,
+            )
+        except RedisUnavailable as exc:
+            self.metrics.redis_error[exc.kind].inc()
+            raise
+        return decode(reply)
+
+
+def go_duration(ms: int) -> bytes:
+    """A duration the way OpenAI's `x-ratelimit-reset-*` headers write it: 20ms, 1.5s, 6m0s."""
+    if ms < 1000:
+        return b"%dms" % max(ms, 0)
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = (b"%d.%03d" % divmod(rest, 1000)).rstrip(b"0").rstrip(b".")
+    if hours:
+        return b"%dh%dm%ss" % (hours, minutes, seconds)
+    if minutes:
+        return b"%dm%ss" % (minutes, seconds)
+    return seconds + b"s"
+
+
+def ceil_seconds(ms: int) -> int:
+    return -(-ms // 1000)
+
+
+@lru_cache(maxsize=1024)
+def policy_header(rpm: int, rpd: int) -> bytes:
+    return b'"minute";q=%d;w=60, "day";q=%d;w=86400' % (rpm, rpd)
+
+
+def rate_limit_headers(d: Decision) -> Headers:
+    """OpenAI's x-ratelimit-* (minute window) and the IETF RateLimit fields (both windows)."""
+    return [
+        (b"x-ratelimit-limit-requests", b"%d" % d.rpm),
+        (b"x-ratelimit-remaining-requests", b"%d" % d.minute_remaining),
+        (b"x-ratelimit-reset-requests", go_duration(d.minute_reset_ms)),
+        (b"ratelimit-policy", policy_header(d.rpm, d.rpd)),
+        (
+            b"ratelimit",
+            b'"minute";r=%d;t=%d, "day";r=%d;t=%d'
+            % (
+                d.minute_remaining,
+                ceil_seconds(d.minute_reset_ms),
+                d.day_remaining,
+                ceil_seconds(d.day_reset_ms),
+            ),
+        ),
+    ]
+
+
+def rejection_headers(d: Decision) -> Headers:
+    """Rate-limit headers plus `Retry-After` (whole seconds, at least 1) for a 429.
+
+    A day-window rejection also says `x-should-retry: false`, so SDKs that honour it (OpenAI's
+    do) stop retrying instead of burning their retries on a wait that long.
+    """
+    headers = rate_limit_headers(d)
+    headers.append((b"retry-after", b"%d" % max(1, ceil_seconds(d.retry_ms))))
+    if d.code == DAY_EMPTY:
+        headers.append((b"x-should-retry", b"false"))
+    return headers

@@ -1,0 +1,120 @@
+--[[
+admit.lua: one admission decision for one API key, atomically, in one round trip.
+
+KEYS[1]  edge:key:{kid}      the key record (hash)
+KEYS[2]  edge:key:{kid}:m    minute bucket (hash: tokens = float, ts = ms of the last update)
+KEYS[3]  edge:key:{kid}:d    day bucket (same fields)
+ARGV[1]  sha256 hex of the presented key
+ARGV[2…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (requests per window)
+
+Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd (optional overrides,
+non-negative integers; anything else falls back to the plan), status (active | paused |
+revoked; empty = active), expires (unix s; empty = never).
+Record fields written on admission: last_used (unix s), requests (+1).
+
+Time is Redis time (TIME) in milliseconds, never the caller's. Buckets refill continuously:
+capacity / 60000 tokens per ms (minute) and capacity / 86400000 per ms (day). A request is
+admitted only when both buckets hold a whole token; then both are charged one. Rejections
+write nothing. A bucket expires when it would be full again: a missing bucket is a full one.
+A bucket timestamp in the future (clock stepped back on failover) refills nothing until Redis
+time passes it, and is never trusted for more than one window ahead.
+
+Reply, decoded positionally by limiter.py:
+  1 code   0 admitted, 1 unknown key, 2 revoked, 3 expired, 4 paused (not active),
+           5 minute bucket empty, 6 day bucket empty, 7 plan not configured
+  2 plan   the record's plan name
+  3 rpm    4 rpd      effective limits
+  5 minute tokens left (whole)   6 ms until the minute bucket is full
+  7 day tokens left (whole)      8 ms until the day bucket is full
+  9 ms until the next request could be admitted (0 when admitted)
+Codes 1-4 and 7 carry only the first one or two entries.
+]]
+
+local MINUTE, DAY = 60000, 86400000
+local EPS = 1e-9
+
+local function whole(v)
+  if v and #v <= 12 and string.match(v, '^%d+$') then return tonumber(v) end
+  return nil
+end
+
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
+  'status', 'expires')
+if not rec[1] then return {1} end
+
+local clock = redis.call('TIME')
+local now_s = tonumber(clock[1])
+local now = now_s * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+if rec[1] ~= ARGV[1] then
+  local grace = whole(rec[3])
+  if not (rec[2] == ARGV[1] and grace and now_s < grace) then return {1} end
+end
+
+local plan = rec[4] or ''
+local status = rec[7]
+if status == 'revoked' then return {2, plan} end
+if rec[8] and rec[8] ~= '' then
+  local expires = whole(rec[8])
+  if not expires or now_s >= expires then return {3, plan} end
+end
+if status and status ~= '' and status ~= 'active' then return {4, plan} end
+
+local plan_rpm, plan_rpd
+for i = 2, #ARGV, 3 do
+  if ARGV[i] == plan then
+    plan_rpm, plan_rpd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    break
+  end
+end
+if not plan_rpm then return {7, plan} end
+local rpm = whole(rec[5]) or plan_rpm
+local rpd = whole(rec[6]) or plan_rpd
+
+-- tokens in the bucket now, and the timestamp to store with them
+local function level(key, cap, window)
+  local b = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if not tokens or not ts or tokens ~= tokens or ts ~= ts then return cap, now end
+  if tokens > cap then tokens = cap elseif tokens < 0 then tokens = 0 end
+  if ts > now + window then ts = now + window end
+  if now > ts then
+    if cap > 0 then tokens = math.min(cap, tokens + (now - ts) * cap / window) end
+    ts = now
+  end
+  return tokens, ts
+end
+
+-- ms until the bucket holds `target` tokens
+local function until_level(tokens, ts, cap, window, target)
+  if tokens >= target - EPS then return 0 end
+  if cap <= 0 then return window end
+  return math.ceil((ts - now) + (target - tokens) * window / cap)
+end
+
+local mt, mts = level(KEYS[2], rpm, MINUTE)
+local dt, dts = level(KEYS[3], rpd, DAY)
+
+if mt < 1 - EPS or dt < 1 - EPS then
+  local code, retry = 5, 0
+  if dt < 1 - EPS then
+    code, retry = 6, until_level(dt, dts, rpd, DAY, 1)
+  end
+  if mt < 1 - EPS then
+    retry = math.max(retry, until_level(mt, mts, rpm, MINUTE, 1))
+  end
+  return {code, plan, rpm, rpd,
+    math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
+    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry}
+end
+
+mt, dt = math.max(mt - 1, 0), math.max(dt - 1, 0)
+local m_full = until_level(mt, mts, rpm, MINUTE, rpm)
+local d_full = until_level(dt, dts, rpd, DAY, rpd)
+redis.call('HSET', KEYS[2], 'tokens', mt, 'ts', mts)
+redis.call('PEXPIRE', KEYS[2], m_full + 1000)
+redis.call('HSET', KEYS[3], 'tokens', dt, 'ts', dts)
+redis.call('PEXPIRE', KEYS[3], d_full + 1000)
+redis.call('HSET', KEYS[1], 'last_used', now_s)
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0}

@@ -1,0 +1,102 @@
+"""Prometheus metrics, on a registry owned by one app (tests build many apps per process).
+
+Names and labels are part of the contract (DESIGN §3). No label carries a key id: cardinality
+stays bounded by the plan table. Label children are bound once at start-up, so the hot path
+does a dict lookup and an `inc()`, never a label resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from edge.settings import Plan
+
+OUTCOMES = (
+    "allowed",
+    "rate_limited_minute",
+    "rate_limited_day",
+    "unauthorized",
+    "forbidden",
+    "insufficient_balance",
+    "unavailable",
+    "upstream_error",
+    "bad_request",
+)
+NO_PLAN = "none"
+UNKNOWN_PLAN = "unconfigured"
+REDIS_ERROR_KINDS = ("timeout", "connection", "noscript", "other")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+ADMISSION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, plans: Mapping[str, Plan]) -> None:
+        plan_table = dict(plans)
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "edge_requests", "Requests to /v1 by plan and outcome", ["plan", "outcome"], registry=r
+        )
+        self.plan_limit = Gauge(
+            "edge_plan_limit", "Configured requests per window", ["plan", "window"], registry=r
+        )
+        self.admission = Histogram(
+            "edge_admission_seconds",
+            "Request start to upstream request sent: edge's own overhead, Redis included",
+            buckets=ADMISSION_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "edge_upstream_ttfb_seconds",
+            "Upstream time to response headers",
+            ["plan"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.upstream_responses = Counter(
+            "edge_upstream_responses",
+            "Upstream responses by status class",
+            ["plan", "status"],
+            registry=r,
+        )
+        self.inflight = Gauge("edge_inflight_requests", "Requests being handled on /v1", registry=r)
+        self.redis_errors = Counter(
+            "edge_redis_errors", "Redis failures by kind", ["kind"], registry=r
+        )
+
+        labels = [*plan_table, NO_PLAN, UNKNOWN_PLAN]
+        self.outcome = {
+            (plan, outcome): self.requests.labels(plan, outcome)
+            for plan in labels
+            for outcome in OUTCOMES
+        }
+        self.ttfb_by_plan = {plan: self.ttfb.labels(plan) for plan in labels}
+        self.status_by_plan = {
+            (plan, cls): self.upstream_responses.labels(plan, cls)
+            for plan in labels
+            for cls in STATUS_CLASSES
+        }
+        self.redis_error = {kind: self.redis_errors.labels(kind) for kind in REDIS_ERROR_KINDS}
+        for name, plan in plan_table.items():
+            self.plan_limit.labels(name, "minute").set(plan.rpm)
+            self.plan_limit.labels(name, "day").set(plan.rpd)
+        self.plans = frozenset(plan_table)
+
+    def label(self, plan: str) -> str:
+        """The plan label for a record's plan name; never an unbounded value."""
+        return plan if plan in self.plans else UNKNOWN_PLAN
+
+    def count(self, plan: str, outcome: str) -> None:
+        self.outcome[(plan, outcome)].inc()
+
+    def upstream_status(self, plan: str, status: int) -> None:
+        cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+        self.status_by_plan[(plan, cls)].inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

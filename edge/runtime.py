@@ -1,0 +1,99 @@
+"""Everything one running app owns, opened together at start-up and closed in reverse.
+
+Nothing here exists at import time: `open_runtime(settings)` is called by the app's lifespan,
+so tests can run many apps, each with its own Redis client, HTTP pool and metrics registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from edge import connection
+from edge.demo import start_demo_upstream
+from edge.keys import KeyFormat
+from edge.limiter import Limiter
+from edge.metrics import Metrics
+from edge.scripts import Scripts
+from edge.settings import Settings, UpstreamSettings
+
+log = logging.getLogger("edge")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Any
+    scripts: Scripts
+    limiter: Limiter
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    upstream_base: str
+    key_format: KeyFormat
+    demo_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def upstream_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
+    """The one pooled upstream client (DESIGN §6, STYLE item 6).
+
+    Bytes pass untouched (no decompression), no cookies are kept between users, no redirects
+    are followed, and aiohttp adds no User-Agent, Accept, Accept-Encoding or Content-Type of its
+    own. `connect` bounds the wait for a pool slot plus the TCP/TLS connect; `sock_read` bounds
+    each read, so a long stream may last as long as it keeps sending.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        keepalive_timeout=30,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.connect_timeout,
+        sock_connect=settings.connect_timeout,
+        sock_read=settings.read_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        trust_env=False,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    async with contextlib.AsyncExitStack() as stack:
+        redis = connection.connect(settings.redis)
+        stack.push_async_callback(redis.aclose)
+        scripts = Scripts()
+        try:
+            await scripts.load(redis)
+        except Exception as exc:  # Redis may come later; EVAL loads scripts on first use then
+            log.warning("could not load Lua scripts into Redis yet (%s); will retry on use", exc)
+
+        upstream_base = settings.upstream.url
+        if settings.demo_upstream:
+            upstream_base = await stack.enter_async_context(start_demo_upstream())
+        session = upstream_session(settings.upstream)
+        stack.push_async_callback(session.close)
+
+        metrics = Metrics(settings.plans)
+        yield Runtime(
+            settings=settings,
+            redis=redis,
+            scripts=scripts,
+            limiter=Limiter(redis, scripts.admit, settings.plans, metrics),
+            metrics=metrics,
+            session=session,
+            upstream_base=upstream_base,
+            key_format=KeyFormat(settings.keys.prefix),
+        )

@@ -1,0 +1,103 @@
+"""The Lua scripts in `edge/lua/`, loaded from package data and called by SHA.
+
+Each script is read once and loaded into Redis at start-up (`SCRIPT LOAD`, on every primary of
+a cluster). A call sends `EVALSHA`; when Redis answers `NOSCRIPT` (its script cache was flushed,
+or a failover promoted a replica that never saw the script) the same call is sent once as
+`EVAL` with the source, which both runs it and caches it again. A `NOSCRIPT` answer means the
+script did not run, so this retry can never charge twice. It is the only retried answer.
+
+Redis exceptions are translated here, once, into `RedisUnavailable` with a `kind` for metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as rex
+
+from edge.errors import ServiceUnavailable
+
+EncodableT = str | bytes | int | float
+NoscriptHook = Callable[[], None]
+
+
+class RedisUnavailable(ServiceUnavailable):
+    """Redis did not answer usefully; `kind` is timeout, connection, noscript or other."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.detail = detail
+
+
+def error_kind(exc: BaseException) -> str:
+    if isinstance(exc, rex.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, rex.ConnectionError | ConnectionError | OSError):
+        return "connection"
+    if isinstance(exc, rex.NoScriptError):
+        return "noscript"
+    return "other"
+
+
+def read_source(name: str) -> str:
+    return resources.files("edge").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Script:
+    """One Lua script: its source, its SHA1, and a call that survives `NOSCRIPT`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = read_source(name)
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+    async def __call__(
+        self,
+        client: Any,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        on_noscript: NoscriptHook | None = None,
+    ) -> Any:
+        try:
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
+            except rex.NoScriptError:
+                if on_noscript is not None:
+                    on_noscript()
+                return await client.eval(self.source, len(keys), *keys, *args)
+        except rex.ResponseError as exc:
+            raise RedisUnavailable("other", f"{self.name}.lua: {exc}") from None
+        except (TimeoutError, rex.RedisError, OSError) as exc:
+            raise RedisUnavailable(error_kind(exc), f"{type(exc).__name__}: {exc}") from None
+
+
+SCRIPT_NAMES = ("admit", "create", "rotate", "status", "update")
+
+
+class Scripts:
+    """All of edge's scripts, by name."""
+
+    def __init__(self) -> None:
+        self.admit = Script("admit")
+        self.create = Script("create")
+        self.rotate = Script("rotate")
+        self.status = Script("status")
+        self.update = Script("update")
+
+    def all(self) -> list[Script]:
+        return [self.admit, self.create, self.rotate, self.status, self.update]
+
+    async def load(self, client: Any) -> None:
+        """SCRIPT LOAD every script (on every primary of a cluster)."""
+        for script in self.all():
+            sha = await client.script_load(script.source)
+            if isinstance(sha, bytes):
+                sha = sha.decode()
+            if sha != script.sha:
+                raise RuntimeError(
+                    f"Redis hashed {script.name}.lua to {sha}, expected {script.sha}"
+                )

@@ -1,0 +1,83 @@
+"""Running edge under uvicorn (uvloop + httptools), and the start-up banner.
+
+In embedded mode (no EDGE_REDIS_URL) nothing outside this process can create keys, so the
+server creates a demo key at start-up and prints it once with a ready-to-paste curl line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from edge import logs
+from edge.app import create_app
+from edge.runtime import Runtime
+from edge.settings import Settings
+from edge.store import KeyStore
+
+log = logging.getLogger("edge")
+DEMO_BODY = '{"model": "edge-demo", "messages": [{"role": "user", "content": "Hello"}]}'
+
+
+async def announce(rt: Runtime) -> None:
+    """Say how to call this instance; in embedded mode, create and show a demo key."""
+    s = rt.settings
+    base = f"http://{_display_host(s.server.host)}:{s.server.port}"
+    if s.embedded_redis:
+        log.warning(
+            "EMBEDDED REDIS: in-process and not persistent; one instance only. "
+            "Set EDGE_REDIS_URL=redis://… to share limits between instances and keep keys."
+        )
+        plan = next(iter(s.plans))
+        key, _ = await KeyStore(rt.redis, rt.scripts, s).create(plan, name="demo")
+        rt.demo_key = key
+    lines = [
+        "",
+        "=" * 78,
+        f"  edge is listening on {base}   (OpenAI base_url: {base}/v1)",
+    ]
+    if s.demo_upstream:
+        lines.append("  DEMO UPSTREAM: no EDGE_UPSTREAM_URL set; answers are canned, not a model.")
+    if rt.demo_key:
+        lines += [
+            f"  Demo key (plan {next(iter(s.plans))}, shown once): {rt.demo_key}",
+            "  Try it:",
+            f"    curl {base}/v1/chat/completions \\",
+            f"      -H 'Authorization: Bearer {rt.demo_key}' \\",
+            "      -H 'Content-Type: application/json' \\",
+            f"      -d '{DEMO_BODY}'",
+        ]
+    lines += ["=" * 78, ""]
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def uvicorn_config(settings: Settings) -> uvicorn.Config:
+    s = settings.server
+    return uvicorn.Config(
+        create_app(settings, on_ready=announce),
+        host=s.host,
+        port=s.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        log_config=None,
+        timeout_keep_alive=max(1, round(s.keepalive_timeout)),
+        timeout_graceful_shutdown=max(1, round(s.drain_timeout)),
+    )
+
+
+def serve(settings: Settings) -> int:
+    logs.configure(settings.log.level)
+    server = uvicorn.Server(uvicorn_config(settings))
+    server.run()
+    return 0 if server.started else 1

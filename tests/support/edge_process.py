@@ -1,0 +1,86 @@
+"""`edge serve` as a real process on a free loopback port, its log collected to a file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "config" / "edge.toml"
+PROVIDER_KEY = "sk-provider-test-0123456789abcdef"
+
+
+class EdgeProcess:
+    def __init__(self, log_dir: Path, env: dict[str, str], name: str = "edge") -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> EdgeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+        env.update({"EDGE_CONFIG": str(CONFIG), "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge", "serve", "--port", str(self.port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.log_path.parent,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edge exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"edge did not become healthy:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+def edge_env(redis_url: str, upstream_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        "EDGE_REDIS_URL": redis_url,
+        "EDGE_UPSTREAM_URL": upstream_url,
+        "EDGE_UPSTREAM_API_KEY": PROVIDER_KEY,
+        "EDGE_LOG_LEVEL": "debug",
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,270 @@
+"""An OpenAI-compatible fake provider on a free loopback port, run in a background thread.
+
+It records every request it receives (method, path, query, raw headers, body) and notices when
+its client goes away (`client_gone`). Without knobs it answers like OpenAI (edge's own demo
+handlers: models, chat completions plain and streaming, embeddings). Knobs, as request headers:
+
+  x-fake-status: N          answer N with a JSON error body
+  x-fake-delay-ms: N        wait N ms before answering (headers included)
+  x-fake-header-delay-ms: N same, named for the header-timeout tests
+  x-fake-chunks: N          stream N SSE events, then `data: [DONE]`
+  x-fake-gap-ms: N          wait N ms between events
+  x-fake-reset-after: K     after K events, reset the connection (RST)
+  x-fake-reset-after-body   read the whole body, then reset without answering
+  x-fake-gzip: 1            gzip the body and say `Content-Encoding: gzip`
+  x-fake-header: Name: v    add a response header (repeatable)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edge import demo
+
+
+@dataclass
+class Record:
+    method: str
+    path: str
+    query: str
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+    body_sha256: str
+    body_length: int
+    received_at: float
+    sent_sha256: str = ""
+    sent_bytes: int = 0
+    completed: bool = False
+    client_gone: float | None = None
+    events: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers(name)
+        return values[0] if values else None
+
+    def headers(self, name: str) -> list[str]:
+        lname = name.lower().encode()
+        return [v.decode("latin-1") for n, v in self.raw_headers if n.lower() == lname]
+
+    def header_names(self) -> set[str]:
+        return {n.decode("latin-1").lower() for n, _ in self.raw_headers}
+
+
+def _rst(request: web.Request) -> None:
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _sse_event(i: int) -> bytes:
+    chunk = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL edge should be pointed at."""
+        return f"{self.base}/v1"
+
+    def start(self) -> FakeUpstream:
+        self._thread = threading.Thread(target=self._run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._serve())
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._shutdown())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock, backlog=1024).start()
+        self._ready.set()
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return bool(predicate())
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        rec = Record(
+            method=request.method,
+            path=request.raw_path.split("?", 1)[0],
+            query=request.query_string,
+            raw_headers=list(request.raw_headers),
+            body=body if len(body) <= 1024 * 1024 else b"",
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            body_length=len(body),
+            received_at=time.monotonic(),
+        )
+        self.records.append(rec)
+        try:
+            return await self._answer(request, rec)
+        except (asyncio.CancelledError, ConnectionResetError):
+            rec.client_gone = time.monotonic()
+            raise
+
+    async def _answer(self, request: web.Request, rec: Record) -> web.StreamResponse:
+        h = request.headers
+        delay = int(h.get("x-fake-delay-ms") or h.get("x-fake-header-delay-ms") or 0)
+        if "x-fake-reset-after-body" in h:
+            _rst(request)
+            raise ConnectionResetError
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        extra: list[tuple[str, str]] = []
+        for line in h.getall("x-fake-header", []):
+            name, _, value = line.partition(":")
+            extra.append((name.strip(), value.strip()))
+        if "x-fake-chunks" in h:
+            return await self._stream(request, rec, extra)
+        if "x-fake-status" in h:
+            status = int(h["x-fake-status"])
+            payload = orjson.dumps(
+                {
+                    "error": {
+                        "message": f"fake {status}",
+                        "type": "fake_error",
+                        "param": None,
+                        "code": "fake",
+                    }
+                }
+            )
+            return self._finish(
+                rec,
+                web.Response(body=payload, status=status, content_type="application/json"),
+                extra,
+                payload,
+            )
+        if h.get("x-fake-gzip"):
+            payload = gzip.compress(orjson.dumps({"object": "fake", "path": request.path}) * 50)
+            resp = web.Response(body=payload, content_type="application/json")
+            resp.headers["Content-Encoding"] = "gzip"
+            return self._finish(rec, resp, extra, payload)
+        resp = await self._openai(request)
+        payload = (
+            resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
+        )
+        if isinstance(resp, web.Response):
+            return self._finish(rec, resp, extra, payload)
+        rec.completed = True
+        return resp
+
+    def _finish(
+        self, rec: Record, resp: web.Response, extra: list[tuple[str, str]], payload: bytes
+    ) -> web.Response:
+        for name, value in extra:
+            resp.headers.add(name, value)
+        rec.sent_sha256 = hashlib.sha256(payload).hexdigest()
+        rec.sent_bytes = len(payload)
+        rec.completed = True
+        return resp
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/v1/models" and request.method == "GET":
+            return await demo.models(request)
+        if path == "/v1/chat/completions" and request.method == "POST":
+            return await demo.chat(request)
+        if path == "/v1/embeddings" and request.method == "POST":
+            return await demo.embeddings(request)
+        payload = orjson.dumps({"object": "echo", "method": request.method, "path": path})
+        return web.Response(body=payload, content_type="application/json")
+
+    async def _stream(
+        self, request: web.Request, rec: Record, extra: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        h = request.headers
+        count = int(h["x-fake-chunks"])
+        gap = int(h.get("x-fake-gap-ms", "0")) / 1000
+        reset_after = int(h.get("x-fake-reset-after", "-1"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        for name, value in extra:
+            resp.headers.add(name, value)
+        await resp.prepare(request)
+        digest = hashlib.sha256()
+        for i in range(count):
+            if i == reset_after:
+                rec.events.append("reset")
+                _rst(request)
+                raise ConnectionResetError
+            if i and gap:
+                await asyncio.sleep(gap)
+            event = _sse_event(i)
+            digest.update(event)
+            rec.sent_bytes += len(event)
+            rec.sent_sha256 = digest.hexdigest()
+            rec.events.append(f"sent {i} at {time.monotonic():.4f}")
+            await resp.write(event)
+        if reset_after == count:
+            _rst(request)
+            raise ConnectionResetError
+        done = b"data: [DONE]\n\n"
+        digest.update(done)
+        rec.sent_bytes += len(done)
+        rec.sent_sha256 = digest.hexdigest()
+        await resp.write(done)
+        await resp.write_eof()
+        rec.completed = True
+        return resp
