@@ -177,7 +177,7 @@ def _section(name: str, cls: type[Any], table: Any, env: Mapping[str, str]) -> A
         where = f"{name}.{fname}"
         env_name = f"EDGE_{name}_{fname}".upper()
         if env_name in env:
-            values[fname] = _coerce(env[env_name], hints[fname], env_name)
+            values[fname] = _coerce(env[env_name], hints[fname], f"{env_name} ({where})")
         elif fname in table:
             values[fname] = _coerce(table[fname], hints[fname], where)
     return cls(**values)
@@ -234,10 +234,12 @@ def _plans(table: Any, env: Mapping[str, str]) -> dict[str, Plan]:
         limits = {}
         for window in ("rpm", "rpd"):
             env_name = f"EDGE_PLANS_{name}_{window}".upper().replace("-", "_")
+            where = f"plans.{name}.{window}"
             value = env.get(env_name, spec.get(window))
             if value is None:
-                raise ConfigError(f"plans.{name}.{window} is missing")
-            limits[window] = _coerce(value, int, f"plans.{name}.{window}")
+                raise ConfigError(f"{where} is missing")
+            label = f"{env_name} ({where})" if env_name in env else where
+            limits[window] = _coerce(value, int, label)
             if limits[window] < 0:
                 raise ConfigError(f"plans.{name}.{window} must be >= 0")
         plans[name] = Plan(**limits)

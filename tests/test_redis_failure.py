@@ -1,0 +1,100 @@
+"""Redis failure and recovery (TESTPLAN T08, T11): fail closed fast, recover by itself,
+survive a flushed script cache without errors or over-admission."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import redis
+
+from edge.keys import record_key
+from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.keys import new_key
+from tests.support.metrics import scrape, value
+from tests.support.redis_server import RedisServer
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.slow
+def test_redis_down_fail_closed_and_recovers(
+    spawn_edge, redis_factory, upstream: FakeUpstream
+) -> None:
+    """T08: Redis killed → fast 503 JSON, upstream untouched, not ready; Redis back → 200
+    again without restarting edge."""
+    server: RedisServer = redis_factory()
+    proc: EdgeProcess = spawn_edge(edge_env(server.url, upstream.url))
+    key, rec = new_key(server.url, "free", rpm=1000, rpd=100_000)
+    with httpx.Client(base_url=proc.url, headers=auth(key), timeout=10) as client:
+        assert client.get("/v1/models").status_code == 200
+        saved = server.client().hgetall(record_key(rec.id))
+        upstream.clear()
+        before = scrape(proc.url)
+
+        server.kill()
+        latencies = []
+        for _ in range(30):
+            start = time.perf_counter()
+            resp = client.get("/v1/models")
+            latencies.append(time.perf_counter() - start)
+            assert resp.status_code == 503
+            assert resp.headers["content-type"] == "application/json"
+            assert resp.json()["error"]["type"] == "service_unavailable"
+        latencies.sort()
+        assert latencies[-1] < 0.3, latencies[-5:]
+        assert upstream.records == []
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        after = scrape(proc.url)
+        grew = value(after, "edge_redis_errors_total", kind="connection") - value(
+            before, "edge_redis_errors_total", kind="connection"
+        )
+        assert grew >= 30
+        assert value(after, "edge_requests_total", plan="none", outcome="unavailable") >= 30
+
+        server.restart()  # same port, empty: no persistence in this test
+        server.client().hset(record_key(rec.id), mapping=saved)
+        deadline = time.monotonic() + 2
+        while client.get("/v1/models").status_code != 200:
+            assert time.monotonic() < deadline, "no recovery within 2 s"
+            time.sleep(0.05)
+        assert client.get("/readyz").status_code == 200
+        # the restarted Redis had no scripts: edge reloaded them by itself
+        assert value(scrape(proc.url), "edge_redis_errors_total", kind="noscript") >= 1
+
+
+async def test_noscript_recovery_under_load(
+    edge: EdgeProcess, redis_server: RedisServer, r: redis.Redis, upstream: FakeUpstream
+) -> None:
+    """T11: SCRIPT FLUSH x3 while 50 concurrent requests run: no error, exactly 20 admitted."""
+    key, _ = new_key(redis_server.url, "free", rpm=20, rpd=1000)
+    before = value(scrape(edge.url), "edge_redis_errors_total", kind="noscript")
+
+    async def one(client: httpx.AsyncClient) -> int:
+        await asyncio.sleep(random.random() / 50)
+        return (await client.get("/v1/models")).status_code
+
+    async def flusher() -> None:
+        for _ in range(3):
+            await asyncio.to_thread(r.script_flush)
+            await asyncio.sleep(0.005)
+
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(
+        base_url=edge.url, headers=auth(key), limits=limits, timeout=20
+    ) as client:
+        r.script_flush()
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(one(client) for _ in range(50))), flusher()
+        )
+    assert Counter(results) == {200: 20, 429: 30}
+    assert len(upstream.records) == 20
+    assert value(scrape(edge.url), "edge_redis_errors_total", kind="noscript") - before >= 1
