@@ -59,9 +59,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 32 * 1024 * 1024
-    header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
-    drain_delay: float = 5.0
     drain_timeout: float = 30.0
 
 
@@ -251,7 +249,6 @@ def _plans(table: Any, env: Mapping[str, str]) -> dict[str, Plan]:
 def _validate(s: Settings) -> None:
     positive = {
         "server.max_body_bytes": s.server.max_body_bytes,
-        "server.header_timeout": s.server.header_timeout,
         "server.keepalive_timeout": s.server.keepalive_timeout,
         "redis.timeout": s.redis.timeout,
         "redis.max_connections": s.redis.max_connections,

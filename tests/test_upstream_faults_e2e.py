@@ -1,0 +1,155 @@
+"""Upstream faults and client disconnects through a real edge process (DESIGN §5; the basics
+of TESTPLAN T15, T16, T19, T20): always a JSON error or a visibly cut stream, never a hang,
+and a client that leaves takes its upstream request with it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import httpx
+import pytest
+
+from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.metrics import scrape, value
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_upstream_refused_is_a_fast_502(spawn_edge, redis_server: RedisServer, make_key) -> None:
+    closed = free_port()
+    proc = spawn_edge(edge_env(redis_server.url, f"http://127.0.0.1:{closed}/v1"))
+    key, _ = make_key()
+    start = time.perf_counter()
+    resp = httpx.get(f"{proc.url}/v1/models", headers=auth(key), timeout=10)
+    assert time.perf_counter() - start < 1
+    assert resp.status_code == 502
+    assert resp.json()["error"]["type"] == "upstream_error"
+    assert resp.headers["x-ratelimit-limit-requests"] == "20"  # admitted, so it was charged
+    samples = scrape(proc.url)
+    assert value(samples, "edge_requests_total", plan="free", outcome="upstream_error") == 1
+
+
+def test_upstream_header_timeout_is_a_504(
+    spawn_edge, redis_server: RedisServer, upstream: FakeUpstream, make_key
+) -> None:
+    proc = spawn_edge(
+        edge_env(redis_server.url, upstream.url, EDGE_UPSTREAM_READ_TIMEOUT="0.5")
+    )
+    key, _ = make_key()
+    start = time.perf_counter()
+    resp = httpx.get(
+        f"{proc.url}/v1/models",
+        headers={**auth(key), "x-fake-header-delay-ms": "3000"},
+        timeout=10,
+    )
+    assert time.perf_counter() - start < 1.5
+    assert resp.status_code == 504
+    assert resp.json()["error"] == {
+        "message": "The upstream API did not answer in time.",
+        "type": "upstream_error",
+        "param": None,
+        "code": "upstream_timeout",
+    }
+    # edge gave up on the upstream request: the fake sees its client go
+    assert upstream.wait_for(lambda: upstream.records[0].client_gone is not None, 3)
+
+
+def test_stream_cut_midway_never_hangs(edge: EdgeProcess, upstream: FakeUpstream, make_key) -> None:
+    """T16: an upstream reset mid-stream ends the client's stream at once, visibly incomplete."""
+    key, _ = make_key()
+    log_before = len(edge.log())
+    events = 0
+    start = time.perf_counter()
+    with (
+        httpx.Client(timeout=5) as client,
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream(
+            "GET",
+            f"{edge.url}/v1/models",
+            headers={**auth(key), "x-fake-chunks": "10", "x-fake-gap-ms": "50",
+                     "x-fake-reset-after": "3"},
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        for chunk in resp.iter_raw():
+            events += chunk.count(b"\n\n")
+    assert events == 3
+    assert time.perf_counter() - start < 1
+    new_log = edge.log()[log_before:]
+    assert new_log.count("stream cut") == 1, new_log
+    assert "Traceback" not in new_log
+    assert "ASGI callable" not in new_log
+    assert _inflight_settles(edge)
+
+
+def _inflight_settles(edge: EdgeProcess) -> bool:
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        if value(scrape(edge.url), "edge_inflight_requests") == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _raw_request(port: int, key: str, extra: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        (
+            "GET /v1/models HTTP/1.1\r\nHost: edge\r\n"
+            f"Authorization: Bearer {key}\r\n{extra}\r\n"
+        ).encode()
+    )
+    return sock
+
+
+def _close(sock: socket.socket, rst: bool) -> None:
+    if rst:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+def test_client_disconnect_mid_stream_cancels_upstream(
+    edge: EdgeProcess, upstream: FakeUpstream, make_key, rst: bool
+) -> None:
+    """T19 (basics): the client leaves after 2 events → the upstream request is closed < 1 s."""
+    key, _ = make_key("pro")
+    for _ in range(3):
+        upstream.clear()
+        sock = _raw_request(
+            edge.port, key, "x-fake-chunks: 50\r\nx-fake-gap-ms: 100\r\n"
+        )
+        received = b""
+        while received.count(b"data: ") < 2:
+            received += sock.recv(65536)
+        _close(sock, rst)
+        gone_at = time.monotonic()
+        assert upstream.wait_for(lambda: upstream.records[0].client_gone is not None, 2)
+        assert upstream.records[0].client_gone - gone_at < 1  # type: ignore[operator]
+        assert not upstream.records[0].completed
+    assert _inflight_settles(edge)
+    start = time.perf_counter()
+    assert httpx.get(f"{edge.url}/v1/models", headers=auth(key)).status_code == 200
+    assert time.perf_counter() - start < 1
+
+
+def test_client_disconnect_before_first_upstream_byte(
+    edge: EdgeProcess, upstream: FakeUpstream, make_key
+) -> None:
+    """T20 (basics): leaving while the upstream has not answered yet also closes it."""
+    key, _ = make_key()
+    sock = _raw_request(edge.port, key, "x-fake-header-delay-ms: 5000\r\n")
+    assert upstream.wait_for(lambda: len(upstream.records) == 1, 2)
+    time.sleep(0.5)
+    _close(sock, False)
+    gone_at = time.monotonic()
+    assert upstream.wait_for(lambda: upstream.records[0].client_gone is not None, 2)
+    assert upstream.records[0].client_gone - gone_at < 1  # type: ignore[operator]
+    assert _inflight_settles(edge)
