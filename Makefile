@@ -4,11 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint fmt clean
+.PHONY: run test check bench fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77"
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -27,6 +27,10 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## bench: edge against calling the upstream directly, same run (needs wrk, nginx, redis-server)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/direct_vs_edge.py $(BENCH_ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -44,6 +44,16 @@ def connect(settings: RedisSettings) -> Any:
     return Redis.from_url(settings.url, **common)
 
 
+def hot_path(settings: RedisSettings, client: Any) -> Any:
+    """The client for the one admission command per request: edge's pipelined RESP client for
+    a single server (see `resp.py` for why), else `client` itself (cluster, embedded)."""
+    if settings.url.startswith(("redis://", "rediss://", "unix://")):
+        from edge.resp import RespClient
+
+        return RespClient(settings.url, settings.timeout)
+    return client
+
+
 def embedded() -> Any:
     """An in-process fakeredis server with Lua: one instance, nothing persisted."""
     import fakeredis

@@ -84,25 +84,45 @@ RESPONSE_DROP = HOP_BY_HOP | {
     b"openai-project",
 }
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
 
 
 class _Exchange:
     """The state of one /v1 request that the watcher and the body stream share."""
 
-    __slots__ = ("client_gone", "finished", "receive", "started", "task", "too_large", "watcher")
+    __slots__ = (
+        "client_gone",
+        "finished",
+        "receive",
+        "started",
+        "task",
+        "timer",
+        "too_large",
+        "watcher",
+    )
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.watcher: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.started = False
         self.finished = False
         self.client_gone = False
         self.too_large = False
 
     def watch(self) -> None:
-        """Start waiting for the client to go away; called once the body is fully read."""
-        self.watcher = asyncio.create_task(self._watch())
+        """Start waiting for the client to go away; called once the body is fully read.
+
+        A request that is over within `WATCH_AFTER` seconds never pays for the watcher task;
+        a client that leaves sooner is noticed when the timer fires.
+        """
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watch)
+
+    def _start_watch(self) -> None:
+        self.timer = None
+        if not self.finished:
+            self.watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         while (await self.receive())["type"] != "http.disconnect":
@@ -113,6 +133,8 @@ class _Exchange:
 
     def stop(self) -> None:
         self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
 

@@ -74,6 +74,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
         redis = connection.connect(settings.redis)
         stack.push_async_callback(redis.aclose)
+        hot = connection.hot_path(settings.redis, redis)
+        if hot is not redis:
+            stack.push_async_callback(hot.aclose)
         scripts = Scripts()
         try:
             await scripts.load(redis)
@@ -91,7 +94,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             settings=settings,
             redis=redis,
             scripts=scripts,
-            limiter=Limiter(redis, scripts.admit, settings.plans, metrics),
+            limiter=Limiter(hot, scripts.admit, settings.plans, metrics),
             metrics=metrics,
             session=session,
             upstream_base=upstream_base,

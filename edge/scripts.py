@@ -11,8 +11,9 @@ Redis exceptions are translated here, once, into `RedisUnavailable` with a `kind
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -62,17 +63,24 @@ class Script:
         args: Sequence[EncodableT],
         on_noscript: NoscriptHook | None = None,
     ) -> Any:
-        try:
+        with redis_errors(f"{self.name}.lua"):
             try:
                 return await client.evalsha(self.sha, len(keys), *keys, *args)
             except rex.NoScriptError:
                 if on_noscript is not None:
                     on_noscript()
                 return await client.eval(self.source, len(keys), *keys, *args)
-        except rex.ResponseError as exc:
-            raise RedisUnavailable("other", f"{self.name}.lua: {exc}") from None
-        except (TimeoutError, rex.RedisError, OSError) as exc:
-            raise RedisUnavailable(error_kind(exc), f"{type(exc).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Translate whatever redis-py or the socket raises inside into `RedisUnavailable`."""
+    try:
+        yield
+    except rex.ResponseError as exc:
+        raise RedisUnavailable("other", f"{what}: {exc}") from None
+    except (rex.RedisError, OSError) as exc:
+        raise RedisUnavailable(error_kind(exc), f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 SCRIPT_NAMES = ("admit", "create", "rotate", "status", "update")

@@ -70,6 +70,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         lifespan="on",
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # X-Forwarded-* are not trusted from arbitrary clients
         log_config=None,
         timeout_keep_alive=max(1, round(s.keepalive_timeout)),
         timeout_graceful_shutdown=max(1, round(s.drain_timeout)),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge.keys import KID_LEN, RECORD_PATTERN, key_hash, make_key, new_kid, record_key
-from edge.scripts import Scripts
+from edge.scripts import Scripts, redis_errors
 from edge.settings import Settings
 
 KID = re.compile(rf"^[0-9A-Za-z]{{{KID_LEN}}}$")
@@ -145,19 +145,22 @@ class KeyStore:
         raise StoreError("could not allocate a key id")
 
     async def get(self, kid: str) -> KeyRecord:
-        raw = await self.client.hgetall(record_key(check_kid(kid)))
+        with redis_errors("reading a key"):
+            raw = await self.client.hgetall(record_key(check_kid(kid)))
         if not raw:
             raise KeyNotFound(f"no key with id {kid!r}")
         return decode_record(kid, raw, self.settings)
 
     async def list(self, owner: str | None = None) -> list[KeyRecord]:
         """Every key (optionally one owner's), oldest first."""
-        names = [n async for n in self.client.scan_iter(match=RECORD_PATTERN, count=1000)]
+        with redis_errors("listing keys"):
+            names = [n async for n in self.client.scan_iter(match=RECORD_PATTERN, count=1000)]
         records = []
         for name in names:
             text = name.decode() if isinstance(name, bytes) else name
             kid = text[len("edge:key:{") : -1]
-            raw = await self.client.hgetall(text)
+            with redis_errors("reading a key"):
+                raw = await self.client.hgetall(text)
             if raw and KID.match(kid):
                 record = decode_record(kid, raw, self.settings)
                 if owner is None or record.owner == owner:

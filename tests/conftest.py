@@ -37,9 +37,9 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     started: list[RedisServer] = []
 
     def make(*extra: str) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(started)}", None, *extra).start()
+        server = RedisServer(tmp_path / f"redis-{len(started)}", None, *extra)
         started.append(server)
-        return server
+        return server.start()
 
     yield make
     for server in started:

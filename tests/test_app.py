@@ -43,7 +43,10 @@ async def test_proxy_answers_through_the_app(app: Edge, redis_server: RedisServe
 
 
 async def test_exception_in_the_proxy_is_a_json_500(
-    app: Edge, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    app: Edge,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     key, _ = new_key(redis_server.url)
 

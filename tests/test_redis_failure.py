@@ -98,3 +98,42 @@ async def test_noscript_recovery_under_load(
     assert Counter(results) == {200: 20, 429: 30}
     assert len(upstream.records) == 20
     assert value(scrape(edge.url), "edge_redis_errors_total", kind="noscript") - before >= 1
+
+
+@pytest.mark.slow
+def test_redis_blackhole_timeout_no_double_charge(
+    spawn_edge, redis_factory, upstream: FakeUpstream
+) -> None:
+    """T09: Redis stopped (SIGSTOP) → every request fails within the deadline, never after
+    retries; after SIGCONT it recovers; tokens charged == requests admitted."""
+    server: RedisServer = redis_factory()
+    proc: EdgeProcess = spawn_edge(edge_env(server.url, upstream.url))
+    key, rec = new_key(server.url, "free", rpm=1000, rpd=100_000)
+    admitted = 0
+    with httpx.Client(base_url=proc.url, headers=auth(key), timeout=10) as client:
+        for _ in range(5):
+            admitted += client.get("/v1/models").status_code == 200
+        before = value(scrape(proc.url), "edge_redis_errors_total", kind="timeout")
+        server.pause()
+        try:
+            for _ in range(5):
+                start = time.perf_counter()
+                resp = client.get("/v1/models")
+                assert time.perf_counter() - start < 0.6  # deadline 0.25 s, no retries
+                assert resp.status_code == 503
+                assert resp.json()["error"]["type"] == "service_unavailable"
+        finally:
+            server.resume()
+        assert value(scrape(proc.url), "edge_redis_errors_total", kind="timeout") - before >= 5
+        deadline = time.monotonic() + 2
+        while True:
+            status = client.get("/v1/models").status_code
+            admitted += status == 200
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, "no recovery within 2 s"
+            time.sleep(0.05)
+    # Requests that timed out may have run in Redis once (the script is atomic) but never
+    # twice: charged = admitted + at most the 5 timed-out ones.
+    requests = int(server.client().hget(record_key(rec.id), "requests"))
+    assert admitted <= requests <= admitted + 5

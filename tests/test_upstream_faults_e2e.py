@@ -39,9 +39,7 @@ def test_upstream_refused_is_a_fast_502(spawn_edge, redis_server: RedisServer, m
 def test_upstream_header_timeout_is_a_504(
     spawn_edge, redis_server: RedisServer, upstream: FakeUpstream, make_key
 ) -> None:
-    proc = spawn_edge(
-        edge_env(redis_server.url, upstream.url, EDGE_UPSTREAM_READ_TIMEOUT="0.5")
-    )
+    proc = spawn_edge(edge_env(redis_server.url, upstream.url, EDGE_UPSTREAM_READ_TIMEOUT="0.5"))
     key, _ = make_key()
     start = time.perf_counter()
     resp = httpx.get(
@@ -73,8 +71,12 @@ def test_stream_cut_midway_never_hangs(edge: EdgeProcess, upstream: FakeUpstream
         client.stream(
             "GET",
             f"{edge.url}/v1/models",
-            headers={**auth(key), "x-fake-chunks": "10", "x-fake-gap-ms": "50",
-                     "x-fake-reset-after": "3"},
+            headers={
+                **auth(key),
+                "x-fake-chunks": "10",
+                "x-fake-gap-ms": "50",
+                "x-fake-reset-after": "3",
+            },
         ) as resp,
     ):
         assert resp.status_code == 200
@@ -102,8 +104,7 @@ def _raw_request(port: int, key: str, extra: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(
         (
-            "GET /v1/models HTTP/1.1\r\nHost: edge\r\n"
-            f"Authorization: Bearer {key}\r\n{extra}\r\n"
+            f"GET /v1/models HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer {key}\r\n{extra}\r\n"
         ).encode()
     )
     return sock
@@ -123,9 +124,7 @@ def test_client_disconnect_mid_stream_cancels_upstream(
     key, _ = make_key("pro")
     for _ in range(3):
         upstream.clear()
-        sock = _raw_request(
-            edge.port, key, "x-fake-chunks: 50\r\nx-fake-gap-ms: 100\r\n"
-        )
+        sock = _raw_request(edge.port, key, "x-fake-chunks: 50\r\nx-fake-gap-ms: 100\r\n")
         received = b""
         while received.count(b"data: ") < 2:
             received += sock.recv(65536)

@@ -63,11 +63,16 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_port(self.port)
-        self.client().ping()
+        client = self.client()
+        client.ping()
+        client.close()
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        password = None
+        if "--requirepass" in self.extra:
+            password = self.extra[self.extra.index("--requirepass") + 1]
+        return redis.Redis(port=self.port, socket_timeout=5, password=password)
 
     def kill(self) -> None:
         """SIGKILL: Redis vanishes as in a crash."""

@@ -1,0 +1,210 @@
+"""The `edge` command line (DESIGN §3 "Commands"), run as a user runs it: `python -m edge …` in a
+subprocess against the session redis-server.
+
+Covers `keys create|list|show|pause|resume|revoke|rotate|set-limits` and `plans`, their `--json`
+output, one-line errors without tracebacks (exit 1: the operation failed, exit 2: usage or
+configuration), and, through the session `edge` process, that each change takes effect on the
+very next request (the end-to-end side of TESTPLAN T29's instant revocation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+from edge import keys
+from tests.support.edge_process import CONFIG, REPO, EdgeProcess
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
+
+FMT = keys.KeyFormat("gw_sk_")
+
+
+def run(*args: str, redis_url: str | None, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    """`python -m edge *args`; `redis_url=None` leaves EDGE_REDIS_URL unset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env["EDGE_CONFIG"] = str(CONFIG)
+    if redis_url is not None:
+        env["EDGE_REDIS_URL"] = redis_url
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def ok_json(redis: RedisServer, *args: str) -> Any:
+    done = run(*args, "--json", redis_url=redis.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return json.loads(done.stdout)
+
+
+def assert_clean_failure(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    """Exit `code`, one `edge: …` line on stderr mentioning `text`, no traceback."""
+    command = "edge " + " ".join(done.args[3:])
+    assert "Traceback" not in done.stderr + done.stdout, f"{command} printed a traceback"
+    assert done.returncode == code, (command, done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge: "), (command, done.stderr)
+    assert text in lines[0], (command, done.stderr)
+
+
+def owner() -> str:
+    return f"owner-{uuid.uuid4().hex[:10]}"
+
+
+def test_keys_create_list_show(redis_server: RedisServer) -> None:
+    me, other = owner(), owner()
+    created = ok_json(
+        redis_server,
+        *("keys", "create", "--plan", "pro", "--name", "n", "--owner", me),
+        *("--rpm", "7", "--rpd", "70"),
+    )
+    assert FMT.parse(created["key"].encode()) is not None
+    assert created["key"].startswith("gw_sk_" + created["id"])
+    expected = {"plan": "pro", "name": "n", "owner": me, "rpm": 7, "rpd": 70, "status": "active"}
+    assert {k: created[k] for k in expected} == expected
+    kid = created["id"]
+    other_kid = ok_json(redis_server, "keys", "create", "--plan", "free", "--owner", other)["id"]
+
+    listed = ok_json(redis_server, "keys", "list")
+    assert {kid, other_kid} <= {row["id"] for row in listed}
+    assert all("key" not in row for row in listed)
+    mine = ok_json(redis_server, "keys", "list", "--owner", me)
+    assert [row["id"] for row in mine] == [kid]
+    assert {k: mine[0][k] for k in expected} == expected
+
+    shown = run("keys", "show", kid, redis_url=redis_server.url)
+    assert shown.returncode == 0, shown.stderr
+    fields = {}
+    for line in shown.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        fields[name] = value.strip()
+    assert fields["id"] == kid
+    assert fields["plan"] == "pro"
+    assert fields["owner"] == me
+    assert fields["status"] == "active"
+    assert fields["rpm"] == "7" and fields["rpd"] == "70"
+    assert created["key"] not in shown.stdout
+
+
+def test_keys_pause_resume_revoke(redis_server: RedisServer) -> None:
+    kid = ok_json(redis_server, "keys", "create", "--plan", "free")["id"]
+    assert ok_json(redis_server, "keys", "pause", kid)["status"] == "paused"
+    assert ok_json(redis_server, "keys", "resume", kid)["status"] == "active"
+    assert ok_json(redis_server, "keys", "revoke", kid)["status"] == "revoked"
+
+    again = run("keys", "resume", kid, "--json", redis_url=redis_server.url)
+    assert_clean_failure(again, 1, "revoked")
+    assert again.stdout == ""
+    assert ok_json(redis_server, "keys", "show", kid)["status"] == "revoked"
+
+
+def test_keys_rotate_keeps_the_id(redis_server: RedisServer) -> None:
+    created = ok_json(redis_server, "keys", "create", "--plan", "free")
+    rotated = ok_json(redis_server, "keys", "rotate", created["id"], "--grace", "0")
+    assert rotated["id"] == created["id"]
+    assert rotated["key"] != created["key"]
+    assert FMT.parse(rotated["key"].encode()) is not None
+    assert rotated["key"].startswith("gw_sk_" + created["id"])
+    assert rotated["rotated"] is not None
+    assert rotated["previous_key_valid_until"] is None
+
+
+def test_keys_set_limits_and_back_to_plan(redis_server: RedisServer) -> None:
+    kid = ok_json(redis_server, "keys", "create", "--plan", "pro")["id"]
+    limited = ok_json(redis_server, "keys", "set-limits", kid, "--rpm", "3")
+    assert (limited["rpm"], limited["rpm_override"], limited["rpd"]) == (3, 3, 50_000)
+    cleared = ok_json(redis_server, "keys", "set-limits", kid, "--rpm", "plan")
+    assert (cleared["rpm"], cleared["rpm_override"]) == (200, None)
+
+
+def test_plans_json(redis_server: RedisServer) -> None:
+    assert ok_json(redis_server, "plans") == [
+        {"plan": "free", "rpm": 20, "rpd": 1_000},
+        {"plan": "pro", "rpm": 200, "rpd": 50_000},
+        {"plan": "team", "rpm": 1_000, "rpd": 250_000},
+    ]
+
+
+def test_unknown_plan_fails_cleanly(redis_server: RedisServer) -> None:
+    done = run("keys", "create", "--plan", "gold", "--json", redis_url=redis_server.url)
+    assert_clean_failure(done, 1, "unknown plan 'gold'")
+    assert done.stdout == ""
+
+
+def test_keys_need_a_redis_url() -> None:
+    done = run("keys", "create", "--plan", "free", "--json", redis_url=None)
+    assert_clean_failure(done, 2, "EDGE_REDIS_URL")
+
+
+def test_bad_config_value_fails_cleanly(redis_server: RedisServer) -> None:
+    for args in (("plans",), ("keys", "list", "--json")):
+        done = run(*args, redis_url=redis_server.url, EDGE_SERVER_PORT="abc")
+        assert_clean_failure(done, 2, "configuration error")
+        assert "EDGE_SERVER_PORT" in done.stderr or "server.port" in done.stderr
+
+
+def test_unreachable_redis_fails_cleanly() -> None:
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    for args in (
+        ("keys", "create", "--plan", "free"),
+        ("keys", "list"),
+        ("keys", "show", "abcdefabcdef"),
+        ("keys", "pause", "abcdefabcdef"),
+    ):
+        done = run(*args, "--json", redis_url=nobody)
+        assert_clean_failure(done, 1, "Redis unavailable")
+
+
+def test_cli_changes_apply_on_the_next_request(
+    edge: EdgeProcess, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    created = ok_json(redis_server, "keys", "create", "--plan", "free")
+    kid = created["id"]
+    rotating = ok_json(redis_server, "keys", "create", "--plan", "free")
+
+    with httpx.Client(base_url=edge.url, timeout=10) as client:
+
+        def call(key: str) -> httpx.Response:
+            return client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+
+        def error_code(resp: httpx.Response) -> str:
+            return str(resp.json()["error"]["code"])
+
+        assert call(created["key"]).status_code == 200
+
+        ok_json(redis_server, "keys", "pause", kid)
+        paused = call(created["key"])
+        assert paused.status_code == 403
+        assert paused.json()["error"]["type"] == "permission_error"
+        assert error_code(paused) == "insufficient_permissions"
+
+        ok_json(redis_server, "keys", "resume", kid)
+        assert call(created["key"]).status_code == 200
+
+        ok_json(redis_server, "keys", "revoke", kid)
+        revoked = call(created["key"])
+        assert revoked.status_code == 401
+        assert error_code(revoked) == "invalid_api_key"
+
+        assert call(rotating["key"]).status_code == 200
+        rotated = ok_json(redis_server, "keys", "rotate", rotating["id"], "--grace", "0")
+        old = call(rotating["key"])
+        assert old.status_code == 401
+        assert error_code(old) == "invalid_api_key"
+        assert call(rotated["key"]).status_code == 200
+
+    assert len(upstream.records) == 4, "only the admitted requests reach the upstream"

@@ -1,0 +1,122 @@
+"""edge/resp.py, the hot-path RESP client, against real redis-servers: replies reach the right
+caller, deadlines hold when Redis stops answering, and it recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from redis import exceptions as rex
+
+from edge.resp import RespClient, pack
+from tests.support.redis_server import RedisServer
+
+
+def test_pack_is_a_resp_array_of_bulk_strings() -> None:
+    assert pack(("SET", b"k", 12)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+    assert pack(("ECHO", "é")) == b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n"
+
+
+async def test_concurrent_callers_get_their_own_replies(redis_server: RedisServer) -> None:
+    client = RespClient(redis_server.url, 2.0)
+    try:
+        replies = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(500)))
+        assert replies == [f"m{i}".encode() for i in range(500)]
+    finally:
+        await client.aclose()
+
+
+async def test_cancelled_callers_do_not_shift_replies(redis_server: RedisServer) -> None:
+    """A caller that gives up leaves its reply to be consumed, not handed to the next one."""
+    client = RespClient(redis_server.url, 2.0)
+    try:
+        for _ in range(20):
+            slow = asyncio.ensure_future(client.execute("EVAL", "return ARGV[1]", 0, "cancelled"))
+            await asyncio.sleep(0)
+            slow.cancel()
+            assert await client.execute("ECHO", "mine") == b"mine"
+    finally:
+        await client.aclose()
+
+
+async def test_errors_are_redis_py_exceptions(redis_server: RedisServer) -> None:
+    client = RespClient(redis_server.url, 2.0)
+    try:
+        with pytest.raises(rex.NoScriptError):
+            await client.evalsha("0" * 40, 0)
+        with pytest.raises(rex.ResponseError):
+            await client.execute("NOSUCHCOMMAND")
+        assert await client.eval("return {1, 'a'}", 0) == [1, b"a"]
+    finally:
+        await client.aclose()
+
+
+async def test_deadline_when_redis_stops_answering_then_recovery(redis_factory) -> None:
+    server: RedisServer = redis_factory()
+    client = RespClient(server.url, 0.2)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        server.pause()  # SIGSTOP: the socket stays open, nothing answers
+        try:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(client.execute("PING") for _ in range(20)), return_exceptions=True
+            )
+            elapsed = time.perf_counter() - start
+            assert all(isinstance(r, rex.TimeoutError) for r in results), results
+            assert elapsed < 0.5
+            start = time.perf_counter()
+            with pytest.raises(rex.TimeoutError):
+                await client.execute("PING")  # a new connection: connects, then no reply
+            assert time.perf_counter() - start < 0.5
+        finally:
+            server.resume()
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_connection_refused_then_back(redis_factory) -> None:
+    server: RedisServer = redis_factory()
+    client = RespClient(server.url, 0.5)
+    try:
+        assert await client.execute("PING") == b"PONG"
+        server.kill()
+        for _ in range(3):
+            start = time.perf_counter()
+            with pytest.raises(rex.ConnectionError):
+                await client.execute("PING")
+            assert time.perf_counter() - start < 0.2
+        server.restart()
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_password_and_database_from_the_url(redis_factory) -> None:
+    server: RedisServer = redis_factory("--requirepass", "s3cret")
+    good = RespClient(f"redis://:s3cret@127.0.0.1:{server.port}/3", 1.0)
+    bad = RespClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
+    try:
+        await good.execute("SET", "where", "db3")
+        assert await good.execute("GET", "where") == b"db3"
+        admin = server.client()
+        assert admin.execute_command("SELECT", 3) and admin.get("where") == b"db3"
+        admin.close()
+        with pytest.raises(rex.RedisError):
+            await bad.execute("PING")
+    finally:
+        await good.aclose()
+        await bad.aclose()
+
+
+async def test_unix_socket(redis_factory, tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    redis_factory("--unixsocket", str(path), "--unixsocketperm", "700")
+    client = RespClient(f"unix://{path}?db=0", 1.0)
+    try:
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()

@@ -1,0 +1,151 @@
+"""TESTPLAN T27 `test_key_stored_only_as_hash` (DESIGN §2 storage rule): a key created with the
+CLI exists in Redis only as its SHA-256 and never shows up in `keys list/show` or `/metrics`.
+
+`test_key_not_in_debug_log_or_metrics` is the part of T27's secrecy check that reaches the log,
+for the paths the session edge can serve (valid, unknown, key in the query string or path,
+upstream 500); T28 `test_key_never_logged` extends it to outages and rejections. A key sent in
+the URL is refused (400 `api_key_in_url`) and never forwarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import redis
+
+from edge import keys
+from edge.store import KeyRecord
+from tests.support.edge_process import CONFIG, PROVIDER_KEY, REPO, EdgeProcess
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.redis_server import RedisServer
+
+FMT = keys.KeyFormat("gw_sk_")
+MakeKey = Callable[..., tuple[str, KeyRecord]]
+
+
+def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m edge …` as a user runs it, against `redis_url`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env.update({"EDGE_REDIS_URL": redis_url, "EDGE_CONFIG": str(CONFIG)})
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def dump_everything(r: redis.Redis) -> bytes:
+    """Every key name and value in the test Redis: structured reads plus the DUMP payload."""
+    parts: list[Any] = []
+    for name in r.scan_iter(count=1000):
+        kind = r.type(name)
+        parts.append(name)
+        if kind == b"hash":
+            for field, value in r.hgetall(name).items():
+                parts += [field, value]
+        elif kind == b"string":
+            parts.append(r.get(name))
+        elif kind == b"list":
+            parts += r.lrange(name, 0, -1)
+        elif kind == b"set":
+            parts += r.smembers(name)
+        elif kind == b"zset":
+            parts += r.zrange(name, 0, -1)
+        parts.append(r.dump(name))
+    return b"\n".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+
+
+def assert_absent(haystack: str | bytes, secrets: dict[str, str], where: str) -> None:
+    text = haystack.decode("latin-1") if isinstance(haystack, bytes) else haystack
+    for label, secret in secrets.items():
+        assert secret not in text, f"{where} contains the {label}"
+
+
+def test_key_stored_only_as_hash(
+    edge: EdgeProcess,
+    upstream: FakeUpstream,
+    redis_server: RedisServer,
+    r: redis.Redis,
+) -> None:
+    created = cli(redis_server.url, "keys", "create", "--plan", "free", "--name", "demo", "--json")
+    assert created.returncode == 0, created.stderr
+    answer: dict[str, Any] = json.loads(created.stdout)
+    key, kid = answer["key"], answer["id"]
+    assert FMT.parse(key.encode()) is not None and kid in key
+    secret = FMT.secret_part(key)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    plaintext = {"key": key, "secret": secret}
+
+    stored = dump_everything(r)
+    assert digest.encode() in stored, "the dump must include the new record"
+    assert_absent(stored, plaintext, "Redis")
+    assert r.hget(keys.record_key(kid), "hash") == digest.encode()
+
+    everything = {**plaintext, "hash": digest}
+    listing = cli(redis_server.url, "keys", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert kid in {row["id"] for row in json.loads(listing.stdout)}
+    shown = cli(redis_server.url, "keys", "show", kid, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["id"] == kid
+    for name, out in (("keys list", listing), ("keys show", shown)):
+        assert_absent(out.stdout + out.stderr, everything, name)
+
+    used = httpx.get(f"{edge.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert used.status_code == 200, used.text
+    assert_absent(httpx.get(f"{edge.url}/metrics").text, everything, "/metrics")
+
+
+def test_key_not_in_debug_log_or_metrics(
+    edge: EdgeProcess, upstream: FakeUpstream, make_key: MakeKey
+) -> None:
+    key, _ = make_key()
+    unknown = keys.make_key("gw_sk_", keys.new_kid())
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=edge.url, timeout=10) as client:
+        assert client.get("/v1/models", headers=auth).status_code == 200
+        resp = client.get("/v1/models", headers={"Authorization": f"Bearer {unknown}"})
+        assert resp.status_code == 401
+
+        for url in (f"/v1/models?api_key={key}", f"/v1/models/{key}"):
+            resp = client.get(url, headers=auth)
+            assert resp.status_code == 400, (url, resp.text)
+            assert resp.json()["error"]["code"] == "api_key_in_url"
+            assert key not in resp.text
+
+        failed = client.post(
+            "/v1/chat/completions",
+            headers={**auth, "x-fake-status": "500"},
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert failed.status_code == 500
+        metrics = client.get("/metrics").text
+
+    forwarded = [(rec.method, rec.path) for rec in upstream.records]
+    assert forwarded == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")], (
+        "a key in the URL must never be forwarded"
+    )
+    for rec in upstream.records:
+        assert key not in rec.query and key not in rec.path
+
+    forbidden = {
+        "key": key,
+        "secret": FMT.secret_part(key),
+        "unknown key": unknown,
+        "unknown key's secret": FMT.secret_part(unknown),
+        "provider key": PROVIDER_KEY,
+    }
+    assert_absent(metrics, forbidden, "/metrics")
+    log = edge.log()
+    assert log, "the edge log is empty: nothing was checked"
+    assert_absent(log, {**forbidden, "Bearer prefix": "Bearer "}, "the edge log")
