@@ -14,6 +14,7 @@ from edge.store import KeyRecord
 from tests.support.edge_process import EdgeProcess, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 
 
@@ -97,3 +98,10 @@ def make_key(redis_server: RedisServer) -> Callable[..., tuple[str, KeyRecord]]:
         return new_key(redis_server.url, plan, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
