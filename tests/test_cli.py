@@ -10,16 +10,14 @@ very next request (the end-to-end side of TESTPLAN T29's instant revocation).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from typing import Any
 
 import httpx
 
 from edge import keys
-from tests.support.edge_process import CONFIG, REPO, EdgeProcess
+from tests.support.edge_process import EdgeProcess, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
@@ -27,25 +25,8 @@ from tests.support.redis_server import RedisServer
 FMT = keys.KeyFormat("gw_sk_")
 
 
-def run(*args: str, redis_url: str | None, **env_extra: str) -> subprocess.CompletedProcess[str]:
-    """`python -m edge *args`; `redis_url=None` leaves EDGE_REDIS_URL unset."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env["EDGE_CONFIG"] = str(CONFIG)
-    if redis_url is not None:
-        env["EDGE_REDIS_URL"] = redis_url
-    env.update(env_extra)
-    return subprocess.run(
-        [sys.executable, "-m", "edge", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
 def ok_json(redis: RedisServer, *args: str) -> Any:
-    done = run(*args, "--json", redis_url=redis.url)
+    done = run_cli(*args, "--json", redis_url=redis.url)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     return json.loads(done.stdout)
@@ -86,7 +67,7 @@ def test_keys_create_list_show(redis_server: RedisServer) -> None:
     assert [row["id"] for row in mine] == [kid]
     assert {k: mine[0][k] for k in expected} == expected
 
-    shown = run("keys", "show", kid, redis_url=redis_server.url)
+    shown = run_cli("keys", "show", kid, redis_url=redis_server.url)
     assert shown.returncode == 0, shown.stderr
     fields = {}
     for line in shown.stdout.splitlines():
@@ -106,7 +87,7 @@ def test_keys_pause_resume_revoke(redis_server: RedisServer) -> None:
     assert ok_json(redis_server, "keys", "resume", kid)["status"] == "active"
     assert ok_json(redis_server, "keys", "revoke", kid)["status"] == "revoked"
 
-    again = run("keys", "resume", kid, "--json", redis_url=redis_server.url)
+    again = run_cli("keys", "resume", kid, "--json", redis_url=redis_server.url)
     assert_clean_failure(again, 1, "revoked")
     assert again.stdout == ""
     assert ok_json(redis_server, "keys", "show", kid)["status"] == "revoked"
@@ -140,19 +121,19 @@ def test_plans_json(redis_server: RedisServer) -> None:
 
 
 def test_unknown_plan_fails_cleanly(redis_server: RedisServer) -> None:
-    done = run("keys", "create", "--plan", "gold", "--json", redis_url=redis_server.url)
+    done = run_cli("keys", "create", "--plan", "gold", "--json", redis_url=redis_server.url)
     assert_clean_failure(done, 1, "unknown plan 'gold'")
     assert done.stdout == ""
 
 
 def test_keys_need_a_redis_url() -> None:
-    done = run("keys", "create", "--plan", "free", "--json", redis_url=None)
+    done = run_cli("keys", "create", "--plan", "free", "--json", redis_url=None)
     assert_clean_failure(done, 2, "EDGE_REDIS_URL")
 
 
 def test_bad_config_value_fails_cleanly(redis_server: RedisServer) -> None:
     for args in (("plans",), ("keys", "list", "--json")):
-        done = run(*args, redis_url=redis_server.url, EDGE_SERVER_PORT="abc")
+        done = run_cli(*args, redis_url=redis_server.url, EDGE_SERVER_PORT="abc")
         assert_clean_failure(done, 2, "configuration error")
         assert "EDGE_SERVER_PORT" in done.stderr or "server.port" in done.stderr
 
@@ -165,7 +146,7 @@ def test_unreachable_redis_fails_cleanly() -> None:
         ("keys", "show", "abcdefabcdef"),
         ("keys", "pause", "abcdefabcdef"),
     ):
-        done = run(*args, "--json", redis_url=nobody)
+        done = run_cli(*args, "--json", redis_url=nobody)
         assert_clean_failure(done, 1, "Redis unavailable")
 
 

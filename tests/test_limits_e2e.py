@@ -19,15 +19,11 @@ import redis
 
 from edge.keys import bucket_keys, new_kid, record_key
 from edge.keys import make_key as build_key
-from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 from tests.support.monitor import CommandCounter
 from tests.support.redis_server import RedisServer
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def redis_ms(r: redis.Redis) -> int:

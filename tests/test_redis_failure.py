@@ -13,15 +13,11 @@ import pytest
 import redis
 
 from edge.keys import record_key
-from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key
 from tests.support.metrics import scrape, value
 from tests.support.redis_server import RedisServer
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.mark.slow

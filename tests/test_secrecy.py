@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -22,26 +19,12 @@ import redis
 
 from edge import keys
 from edge.store import KeyRecord
-from tests.support.edge_process import CONFIG, PROVIDER_KEY, REPO, EdgeProcess
+from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.redis_server import RedisServer
 
 FMT = keys.KeyFormat("gw_sk_")
 MakeKey = Callable[..., tuple[str, KeyRecord]]
-
-
-def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m edge …` as a user runs it, against `redis_url`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env.update({"EDGE_REDIS_URL": redis_url, "EDGE_CONFIG": str(CONFIG)})
-    return subprocess.run(
-        [sys.executable, "-m", "edge", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def dump_everything(r: redis.Redis) -> bytes:
@@ -77,7 +60,9 @@ def test_key_stored_only_as_hash(
     redis_server: RedisServer,
     r: redis.Redis,
 ) -> None:
-    created = cli(redis_server.url, "keys", "create", "--plan", "free", "--name", "demo", "--json")
+    created = run_cli(
+        "keys", "create", "--plan", "free", "--name", "demo", "--json", redis_url=redis_server.url
+    )
     assert created.returncode == 0, created.stderr
     answer: dict[str, Any] = json.loads(created.stdout)
     key, kid = answer["key"], answer["id"]
@@ -92,10 +77,10 @@ def test_key_stored_only_as_hash(
     assert r.hget(keys.record_key(kid), "hash") == digest.encode()
 
     everything = {**plaintext, "hash": digest}
-    listing = cli(redis_server.url, "keys", "list", "--json")
+    listing = run_cli("keys", "list", "--json", redis_url=redis_server.url)
     assert listing.returncode == 0, listing.stderr
     assert kid in {row["id"] for row in json.loads(listing.stdout)}
-    shown = cli(redis_server.url, "keys", "show", kid, "--json")
+    shown = run_cli("keys", "show", kid, "--json", redis_url=redis_server.url)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["id"] == kid
     for name, out in (("keys list", listing), ("keys show", shown)):

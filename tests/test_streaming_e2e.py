@@ -17,7 +17,7 @@ from collections.abc import Callable
 import httpx
 
 from edge.store import KeyRecord
-from tests.support.edge_process import EdgeProcess
+from tests.support.edge_process import EdgeProcess, auth
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 
@@ -25,10 +25,6 @@ MakeKey = Callable[..., tuple[str, KeyRecord]]
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 EVENTS, GAP_MS = 10, 200
-
-
-def auth(key: str, **extra: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}", **extra}
 
 
 def sha256(data: bytes) -> str:

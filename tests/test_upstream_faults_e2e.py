@@ -11,15 +11,11 @@ import time
 import httpx
 import pytest
 
-from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def test_upstream_refused_is_a_fast_502(spawn_edge, redis_server: RedisServer, make_key) -> None:

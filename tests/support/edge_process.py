@@ -75,6 +75,30 @@ class EdgeProcess:
             return self.proc.wait(10)
 
 
+def run_cli(
+    *args: str, redis_url: str | None, **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m edge *args` as a user runs it; `redis_url=None` leaves EDGE_REDIS_URL unset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env["EDGE_CONFIG"] = str(CONFIG)
+    if redis_url is not None:
+        env["EDGE_REDIS_URL"] = redis_url
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def auth(key: str, **extra: str) -> dict[str, str]:
+    """Request headers carrying `key`, plus any extra ones (fake-upstream knobs)."""
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
 def edge_env(redis_url: str, upstream_url: str, **extra: str) -> dict[str, str]:
     env = {
         "EDGE_REDIS_URL": redis_url,
