@@ -30,7 +30,7 @@ JSON_HEADERS = ((b"content-type", b"application/json"),)
 class EdgeError(Exception):
     status = 500
     type = "server_error"
-    code = "internal_error"
+    code: str | None = "internal_error"
     message = "edge could not handle this request; the error was logged"
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
@@ -109,5 +109,5 @@ def status_error(status: int) -> EdgeError:
     err = EdgeError(f"HTTP {status}")
     err.status = status
     err.type = "invalid_request_error" if status < 500 else "server_error"
-    err.code = None  # type: ignore[assignment]
+    err.code = None
     return err

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 import aiohttp
@@ -85,6 +85,36 @@ RESPONSE_DROP = HOP_BY_HOP | {
 }
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
+
+
+class Inbound(NamedTuple):
+    """What the upstream request needs from the client's headers."""
+
+    headers: list[tuple[str, str]]  # to forward: no hop-by-hop, no client credentials
+    auth: bytes | None  # the one Authorization value; None when absent or repeated
+    length: bytes | None  # Content-Length as sent
+
+
+def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
+    """One pass over the client's headers (names already lower-cased by the server)."""
+    headers: list[tuple[str, str]] = []
+    auth: list[bytes] = []
+    length: bytes | None = None
+    listed: bytes | None = None
+    for name, value in raw:
+        if name in REQUEST_DROP:
+            if name == b"authorization":
+                auth.append(value)
+            elif name == b"content-length":
+                length = value
+            elif name == b"connection":
+                listed = value if listed is None else listed + b"," + value
+            continue
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    if listed is not None:
+        drop = {t.strip().lower().decode("latin-1") for t in listed.split(b",")}
+        headers = [(n, v) for n, v in headers if n not in drop]
+    return Inbound(headers, auth[0] if len(auth) == 1 else None, length)
 
 
 class _Exchange:
@@ -216,32 +246,14 @@ class Proxy:
         metrics = rt.metrics
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope["query_string"]
-        headers: list[tuple[str, str]] = []
-        auth: bytes | None = None
-        auth_count = 0
-        length: bytes | None = None
-        listed: bytes | None = None
-        for name, value in scope["headers"]:
-            if name in REQUEST_DROP:
-                if name == b"authorization":
-                    auth, auth_count = value, auth_count + 1
-                elif name == b"content-length":
-                    length = value
-                elif name == b"connection":
-                    listed = value if listed is None else listed + b"," + value
-                continue
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        if listed is not None:
-            drop = {t.strip().lower().decode("latin-1") for t in listed.split(b",")}
-            headers = [(n, v) for n, v in headers if n not in drop]
-
-        bad = self._check_request(raw_path, query, length)
+        inbound = inbound_headers(scope["headers"])
+        bad = self._check_request(raw_path, query, inbound.length)
         if bad is not None:
             metrics.count(NO_PLAN, "bad_request")
             await send_error(send, bad)
             return
 
-        token = bearer_token(auth) if auth is not None and auth_count == 1 else None
+        token = bearer_token(inbound.auth) if inbound.auth is not None else None
         parsed = rt.key_format.parse(token) if token is not None else None
         if parsed is None:
             metrics.count(NO_PLAN, "unauthorized")
@@ -260,10 +272,13 @@ class Proxy:
             return
 
         rest = raw_path[3:].decode("ascii")
-        url = self._base + rest + ("?" + query.decode("latin-1") if query else "")
+        url = self._base + rest + ("?" + query.decode("ascii") if query else "")
+        headers = inbound.headers
         if self._provider_auth is not None:
             headers.append(("Authorization", self._provider_auth))
-        await self._forward(rt, scope["method"], url, headers, length, decision, ex, send, start)
+        await self._forward(
+            rt, scope["method"], url, headers, inbound.length, decision, ex, send, start
+        )
 
     def _check_request(
         self, raw_path: bytes, query: bytes, length: bytes | None
@@ -277,6 +292,8 @@ class Proxy:
             )
         if unsafe_path(raw_path):
             return errors.BadRequest("Invalid request path.", code="invalid_path")
+        if not query.isascii():
+            return errors.BadRequest("Invalid query string.", code="invalid_query")
         if length is not None:
             if not length.isdigit():
                 return errors.BadRequest("Invalid Content-Length.")

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from edge import errors
-from edge.proxy import response_headers, unsafe_path
+from edge.proxy import inbound_headers, response_headers, unsafe_path
 
 
 @pytest.mark.parametrize(
@@ -64,6 +64,42 @@ def test_response_headers_drop_hop_by_hop_and_replaced_ones() -> None:
         (b"set-cookie", b"b=2"),
         (b"x-request-id", b"req_1"),
     ]
+
+
+def test_inbound_headers_drop_hop_by_hop_credentials_and_framing() -> None:
+    raw = [
+        (b"host", b"edge"),
+        (b"authorization", b"Bearer gw_sk_x"),
+        (b"connection", b"keep-alive, X-Secret"),
+        (b"x-secret", b"1"),
+        (b"keep-alive", b"5"),
+        (b"te", b"trailers"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"api-key", b"gw_sk_x"),
+        (b"x-api-key", b"gw_sk_x"),
+        (b"expect", b"100-continue"),
+        (b"content-length", b"12"),
+        (b"content-type", b"application/json"),
+        (b"accept-encoding", b"gzip"),
+        (b"user-agent", b"OpenAI/Python 1.0 \xe9"),
+    ]
+    inbound = inbound_headers(raw)
+    assert inbound.headers == [
+        ("content-type", "application/json"),
+        ("accept-encoding", "gzip"),
+        ("user-agent", "OpenAI/Python 1.0 \xe9"),
+    ]
+    assert inbound.auth == b"Bearer gw_sk_x"
+    assert inbound.length == b"12"
+
+
+def test_repeated_authorization_counts_as_none() -> None:
+    raw = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a")]
+    assert inbound_headers(raw).auth is None
+    assert inbound_headers([]).auth is None
 
 
 def test_errors_have_openai_shape() -> None:
