@@ -395,8 +395,14 @@ class Proxy:
         out += rate_limit_headers(decision)
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        content = resp.content
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await content.readany():
+                if content.at_eof():  # the last chunk: send it as the end of the body
+                    ex.stop()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    resp.release()
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The client must be able to tell a cut answer from a whole one: end the response
