@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test check bench fmt clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the suite last passed with, so CI installs what was tested.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 ## run: install into .venv and start edge on 127.0.0.1:8080 (embedded Redis, demo upstream
