@@ -24,8 +24,6 @@ from functools import lru_cache
 
 import orjson
 
-JSON_HEADERS = ((b"content-type", b"application/json"),)
-
 
 class EdgeError(Exception):
     status = 500

@@ -30,10 +30,6 @@ class Decision(NamedTuple):
     day_reset_ms: int = 0
     retry_ms: int = 0
 
-    @property
-    def has_limits(self) -> bool:
-        return self.code in (ADMITTED, MINUTE_EMPTY, DAY_EMPTY)
-
 
 def decode(reply: Sequence[Any]) -> Decision:
     """The script's flat reply (see the header of admit.lua) as a `Decision`."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -36,7 +36,6 @@ class Runtime:
     upstream_base: str
     key_format: KeyFormat
     demo_key: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def upstream_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
