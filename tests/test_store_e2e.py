@@ -1,0 +1,59 @@
+"""edge/store.py lifecycle semantics through a real edge process: rotation grace, expiry,
+and what admission writes back (last_used, request count)."""
+
+from __future__ import annotations
+
+import httpx
+import redis
+
+from edge.keys import record_key
+from tests.support.edge_process import EdgeProcess, auth
+from tests.support.keys import store_call
+from tests.support.redis_server import RedisServer
+
+
+def status(edge: EdgeProcess, key: str) -> httpx.Response:
+    return httpx.get(f"{edge.url}/v1/models", headers=auth(key), timeout=10)
+
+
+def test_rotation_grace_keeps_the_old_key_until_redis_time_passes_it(
+    edge: EdgeProcess, redis_server: RedisServer, r: redis.Redis, make_key
+) -> None:
+    old, rec = make_key()
+    new, rotated = store_call(redis_server.url, lambda s: s.rotate(rec.id, 3600))
+    assert new != old and rotated.id == rec.id
+    assert rotated.previous_key_valid_until is not None
+    assert status(edge, old).status_code == 200
+    assert status(edge, new).status_code == 200
+    now = int(r.time()[0])
+    r.hset(record_key(rec.id), "prev_until", now - 1)  # the grace period is over
+    assert status(edge, old).status_code == 401
+    assert status(edge, new).status_code == 200
+    # revoking drops the rotated-out key too, and revocation is final
+    store_call(redis_server.url, lambda s: s.set_status(rec.id, "revoked"))
+    assert status(edge, new).status_code == 401
+
+
+def test_expired_key_is_401_saying_so(edge: EdgeProcess, r: redis.Redis, make_key) -> None:
+    key, rec = make_key(expires_in=3600)
+    assert rec.expires is not None and rec.created is not None
+    assert rec.expires - rec.created == 3600
+    assert status(edge, key).status_code == 200
+    r.hset(record_key(rec.id), "expires", int(r.time()[0]))
+    resp = status(edge, key)
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "invalid_api_key"
+    assert "expired" in resp.json()["error"]["message"]
+
+
+def test_admission_records_last_used_and_request_count(
+    edge: EdgeProcess, redis_server: RedisServer, r: redis.Redis, make_key
+) -> None:
+    key, rec = make_key(rpm=2)
+    assert rec.last_used is None and rec.requests == 0
+    codes = [status(edge, key).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    after = store_call(redis_server.url, lambda s: s.get(rec.id))
+    assert after.requests == 2  # rejections are not counted
+    assert after.last_used is not None
+    assert abs(after.last_used - int(r.time()[0])) <= 5
