@@ -1,9 +1,9 @@
 """The composition root: `create_app(settings)` builds the ASGI app and owns its resources.
 
-The outermost callable sends `/v1/…` straight to the raw proxy handler and everything else
-(health, metrics) to a small Starlette app, so Starlette's router and middleware stay off the
-data path. The lifespan opens Redis, the upstream pool and the metrics registry, and closes
-them in reverse.
+The outermost callable sends `/v1/…` (by its raw path) straight to the raw proxy handler and
+everything else (health, metrics) to a small Starlette app, so Starlette's router and
+middleware stay off the data path. The lifespan opens Redis, the upstream pool and the
+metrics registry, and closes them in reverse.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,8 +19,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge import errors
+from edge.exchange import Receive, Scope, Send
 from edge.health import healthz, readyz
 from edge.metrics import CONTENT_TYPE
+from edge.policy import API_PREFIX
 from edge.proxy import Proxy
 from edge.runtime import Runtime, open_runtime
 from edge.settings import Settings
@@ -35,18 +36,14 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
-def _json_error(err: errors.EdgeError) -> Response:
-    return Response(err.body(), status_code=err.status, media_type="application/json")
-
-
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _json_error(errors.status_error(exc.status_code))
+    return errors.error_response(errors.status_error(exc.status_code))
 
 
 async def on_error(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _json_error(errors.EdgeError())
+    return errors.error_response(errors.EdgeError())
 
 
 class Edge:
@@ -75,8 +72,11 @@ class Edge:
                 await self.on_ready(rt)
             yield
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Routed on the raw path, the one the upstream URL is built from: `/%761/…` is not /v1.
+        if scope["type"] == "http" and (scope.get("raw_path") or scope["path"].encode()).startswith(
+            API_PREFIX
+        ):
             await self.proxy(scope, receive, send)
         else:
             await self.control(scope, receive, send)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -25,24 +24,34 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 CLI_REDIS_TIMEOUT = 5.0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one `edge: …` line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"edge: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", help="config file (default: $EDGE_CONFIG or config/edge.toml)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    parser = argparse.ArgumentParser(
-        prog="edge", description="API-key edge proxy for OpenAI-compatible APIs"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="edge", description="API-key edge proxy for OpenAI-compatible APIs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
+    serve.add_argument(
+        "--demo-key",
+        action="store_true",
+        help="embedded Redis with a real upstream: create a demo key and print it",
+    )
 
     sub.add_parser("plans", parents=[common], help="list the configured plans")
 
     keys = sub.add_parser("keys", help="manage API keys (needs EDGE_REDIS_URL)")
-    ksub = keys.add_subparsers(dest="action", required=True)
+    ksub = keys.add_subparsers(dest="action", required=True, parser_class=Parser)
     create = ksub.add_parser("create", parents=[common], help="create a key; prints it once")
     create.add_argument("--plan", required=True)
     create.add_argument("--name", default="")
@@ -83,9 +92,9 @@ def _limit(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
         if args.command == "serve":
-            return _serve(settings, args)
+            return _serve(args)
+        settings = load_settings(args.config)
         if args.command == "plans":
             return _plans(settings, args.json)
         return asyncio.run(_keys(settings, args))
@@ -95,15 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _serve(settings: Settings, args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from edge.server import serve
 
-    server = settings.server
-    if args.host:
-        server = dataclasses.replace(server, host=args.host)
-    if args.port is not None:
-        server = dataclasses.replace(server, port=args.port)
-    return serve(dataclasses.replace(settings, server=server))
+    flags = {"host": args.host, "port": args.port}
+    server = {name: value for name, value in flags.items() if value is not None}
+    settings = load_settings(args.config, overrides={"server": server})
+    return serve(settings, demo_key=args.demo_key)
 
 
 def _plans(settings: Settings, as_json: bool) -> int:
@@ -122,8 +129,8 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             "The embedded Redis lives inside 'edge serve', which prints a demo key at start-up.",
             EXIT_USAGE,
         )
-    redis_settings = dataclasses.replace(
-        settings.redis, timeout=max(settings.redis.timeout, CLI_REDIS_TIMEOUT)
+    redis_settings = settings.redis.model_copy(
+        update={"timeout": max(settings.redis.timeout, CLI_REDIS_TIMEOUT)}
     )
     client = connection.connect(redis_settings)
     store = KeyStore(client, Scripts(), settings)
@@ -187,8 +194,16 @@ def _human(record: KeyRecord) -> dict[str, Any]:
     row = record.to_dict()
     for name in ("created", "expires", "last_used", "rotated", "previous_key_valid_until"):
         if row[name] is not None:
-            row[name] = datetime.fromtimestamp(row[name], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            row[name] = _timestamp(row[name])
     return row
+
+
+def _timestamp(seconds: int) -> str:
+    """Unix seconds as UTC ISO 8601; a time past year 9999 (a hand-edited record) as a number."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return str(seconds)
 
 
 def _print_json(value: Any) -> None:

@@ -14,11 +14,12 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("edge.demo")
 
@@ -39,22 +40,62 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     )
 
 
-def _error(message: str, status: int, code: str) -> web.Response:
-    err = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+def _error(message: str, status: int, code: str, param: str | None = None) -> web.Response:
+    err = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
     return _json({"error": err}, status)
 
 
-async def _body(request: web.Request) -> dict[str, Any] | None:
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI's many optional fields are ignored
+    model: str = MODEL
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Any] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[Any] = ""
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[Any]
+
+
+Body = TypeVar("Body", bound=_Request)
+
+
+class BadBody(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    """The request body as `model`, or BadBody carrying OpenAI's 400 for it."""
     try:
         data = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
+        raise BadBody(_error("The request body is not valid JSON.", 400, "invalid_json")) from None
+    if not isinstance(data, dict):
+        raise BadBody(_error("The request body must be a JSON object.", 400, "invalid_json"))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"Invalid value for '{param}': {first['msg']}." if param else first["msg"]
+        raise BadBody(_error(message, 400, "invalid_value", param)) from None
 
 
-def _reply_text(body: dict[str, Any]) -> str:
-    messages = body.get("messages") or []
-    last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+def _reply_text(body: ChatRequest) -> str:
+    last = body.messages[-1].content
     if isinstance(last, str) and last:
         return f"{NOTICE} You said: {last[:200]}"
     return NOTICE
@@ -66,16 +107,10 @@ async def models(_: web.Request) -> web.Response:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
-    if body is None:
-        return _error("The request body is not a JSON object.", 400, "invalid_json")
+    body = await _body(request, ChatRequest)
     text = _reply_text(body)
-    ident, created, model = (
-        f"chatcmpl-{uuid.uuid4().hex}",
-        int(time.time()),
-        body.get("model", MODEL),
-    )
-    if body.get("stream"):
+    ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    if body.stream:
         return await _stream(request, ident, created, model, text)
     words = len(text.split())
     return _json(
@@ -123,15 +158,13 @@ async def _stream(
 
 
 async def completions(request: web.Request) -> web.Response:
-    body = await _body(request)
-    if body is None:
-        return _error("The request body is not a JSON object.", 400, "invalid_json")
+    body = await _body(request, CompletionRequest)
     return _json(
         {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": body.get("model", MODEL),
+            "model": body.model,
             "choices": [{"index": 0, "text": NOTICE, "finish_reason": "stop", "logprobs": None}],
         }
     )
@@ -143,11 +176,8 @@ def _vector(text: str, dims: int = 8) -> list[float]:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    body = await _body(request)
-    if body is None:
-        return _error("The request body is not a JSON object.", 400, "invalid_json")
-    given = body.get("input", "")
-    inputs = given if isinstance(given, list) else [given]
+    body = await _body(request, EmbeddingRequest)
+    inputs = body.input if isinstance(body.input, list) else [body.input]
     data = [
         {"object": "embedding", "index": i, "embedding": _vector(str(item))}
         for i, item in enumerate(inputs)
@@ -156,7 +186,7 @@ async def embeddings(request: web.Request) -> web.Response:
         {
             "object": "list",
             "data": data,
-            "model": body.get("model", MODEL),
+            "model": body.model,
             "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
         }
     )
@@ -166,8 +196,28 @@ async def not_found(request: web.Request) -> web.Response:
     return _error(f"The demo upstream has no {request.method} {request.path}.", 404, "not_found")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer of the demo is OpenAI-style JSON, its own mistakes included."""
+    try:
+        return await handler(request)
+    except BadBody as bad:
+        return bad.response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.reason, exc.status, "http_error")
+    except Exception:
+        log.exception("demo upstream failed on %s %s", request.method, request.path)
+        err = {"message": "The demo upstream failed.", "type": "server_error", "param": None}
+        return _json({"error": {**err, "code": "internal_error"}}, 500)
+
+
 def demo_app() -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors], client_max_size=32 * 1024 * 1024)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)

@@ -1,45 +1,58 @@
-"""edge's errors and their one renderer.
+"""edge's errors and the one place that turns an error into an HTTP answer.
 
 Every answer edge's own code gives is OpenAI's error shape, as JSON:
 `{"error": {"message": ..., "type": ..., "param": null, "code": ...}}`.
 
-    EdgeError                     status, type, code; the message is safe to show
-    ├── BadRequest                400 invalid_request_error
-    ├── InvalidApiKey             401 invalid_request_error / invalid_api_key
-    ├── PermissionDenied          403 permission_error / insufficient_permissions
+    EdgeError                      500 server_error / internal_error; the message is safe to show
+    ├── BadRequest                 400 invalid_request_error
+    ├── InvalidApiKey              401 invalid_request_error / invalid_api_key
+    ├── PermissionDenied           403 permission_error / insufficient_permissions
     ├── NotFound, MethodNotAllowed 404 / 405 invalid_request_error
-    ├── PayloadTooLarge           413 invalid_request_error / request_too_large
-    ├── RateLimited               429 rate_limit_error / rate_limit_exceeded
-    ├── UpstreamUnreachable       502 upstream_error
-    ├── ServiceUnavailable        503 service_unavailable (Redis away, plan missing)
-    └── UpstreamTimeout           504 upstream_error
+    ├── PayloadTooLarge            413 invalid_request_error / request_too_large
+    ├── RateLimited                429 rate_limit_error / rate_limit_exceeded
+    ├── UpstreamUnreachable        502 upstream_error
+    ├── ServiceUnavailable         503 service_unavailable (Redis away, plan missing, starting)
+    └── UpstreamTimeout            504 upstream_error
+
+Messages follow OpenAI's wording where OpenAI has one, because client libraries classify
+errors by it: LiteLLM, for one, treats a 401 as an authentication error only when its message
+contains "Incorrect API key provided". They never echo a key, a secret or a header value.
 
 Third-party exceptions are translated where they arise (redis in `scripts.py`, aiohttp in
-`proxy.py`); messages never carry a key, a secret or a header value from the request.
+`proxy.py`); `send_error` (raw ASGI) and `error_response` (Starlette) render them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
 from functools import lru_cache
+from typing import Any
 
 import orjson
+from starlette.responses import Response
+
+Headers = list[tuple[bytes, bytes]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class EdgeError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
-    message = "edge could not handle this request; the error was logged"
+    message = "The server had an error processing your request. Sorry about that! It was logged."
 
-    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, param: str | None = None
+    ) -> None:
         if message is not None:
             self.message = message
         if code is not None:
             self.code = code
+        self.param = param
         super().__init__(self.message)
 
     def body(self) -> bytes:
-        return render(self.message, self.type, self.code)
+        return render(self.message, self.type, self.code, self.param)
 
 
 class BadRequest(EdgeError):
@@ -49,23 +62,24 @@ class BadRequest(EdgeError):
 class InvalidApiKey(EdgeError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
     message = (
-        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' with the key "
-        "exactly as it was issued."
+        "Incorrect API key provided. Send the key exactly as it was issued to you, in the "
+        "header 'Authorization: Bearer <key>'."
     )
 
 
 class PermissionDenied(EdgeError):
     status, type, code = 403, "permission_error", "insufficient_permissions"
+    message = "You have insufficient permissions for this operation."
 
 
 class NotFound(EdgeError):
     status, type, code = 404, "invalid_request_error", "not_found"
-    message = "Unknown path. The API lives under /v1/."
+    message = "Invalid URL. The API lives under /v1/."
 
 
 class MethodNotAllowed(EdgeError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
-    message = "Method not allowed on this path."
+    message = "Method not allowed on this URL."
 
 
 class PayloadTooLarge(EdgeError):
@@ -78,24 +92,48 @@ class RateLimited(EdgeError):
 
 class UpstreamUnreachable(EdgeError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
-    message = "The upstream API could not be reached. Try again later."
+    message = "Bad gateway: the upstream API could not be reached. You can retry your request."
 
 
 class ServiceUnavailable(EdgeError):
     status, type, code = 503, "service_unavailable", "service_unavailable"
-    message = "edge is temporarily unable to check API keys. Try again shortly."
+    message = (
+        "The server is not ready yet: edge cannot check API keys right now. You can retry "
+        "your request shortly."
+    )
 
 
 class UpstreamTimeout(EdgeError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
-    message = "The upstream API did not answer in time."
+    message = "Gateway timeout: the upstream API did not answer in time."
 
 
-@lru_cache(maxsize=256)
-def render(message: str, type_: str, code: str | None) -> bytes:
-    """OpenAI's error JSON; cached, since edge's messages are a small fixed set."""
-    error = {"message": message, "type": type_, "param": None, "code": code}
+@lru_cache(maxsize=512)
+def render(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    """OpenAI's error JSON; cached, since most of edge's messages are a small fixed set."""
+    error = {"message": message, "type": type_, "param": param, "code": code}
     return orjson.dumps({"error": error})
+
+
+def _headers(body: bytes, extra: Headers | None) -> Headers:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    return headers + extra if extra else headers
+
+
+async def send_error(send: Send, err: EdgeError, extra: Headers | None = None) -> None:
+    """Answer a raw ASGI request with `err`."""
+    body = err.body()
+    headers = _headers(body, extra)
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_response(err: EdgeError, extra: Headers | None = None) -> Response:
+    """`err` as a Starlette response (the control plane's handlers)."""
+    body = err.body()
+    response = Response(body, status_code=err.status)
+    response.raw_headers = _headers(body, extra)
+    return response
 
 
 def status_error(status: int) -> EdgeError:
@@ -104,8 +142,7 @@ def status_error(status: int) -> EdgeError:
         return NotFound()
     if status == 405:
         return MethodNotAllowed()
-    err = EdgeError(f"HTTP {status}")
+    err = EdgeError(f"HTTP {status}", code="http_error")
     err.status = status
     err.type = "invalid_request_error" if status < 500 else "server_error"
-    err.code = None
     return err

@@ -1,5 +1,9 @@
-"""Health endpoints: `/healthz` says the process is alive, `/readyz` that it can serve
-(Redis answers a PING within its deadline)."""
+"""Health endpoints: `/healthz` says the process is alive, `/readyz` that it can serve.
+
+Readiness asks the request path's own Redis client (a PING within `redis.timeout`), so an
+instance whose requests would fail is taken out of the load balancer, whatever the admin
+client thinks.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from edge.errors import ServiceUnavailable
+from edge.errors import ServiceUnavailable, error_response
 from edge.runtime import Runtime
 from edge.scripts import error_kind
 
@@ -22,16 +26,11 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
-        return _unready("starting")
+        return error_response(ServiceUnavailable("not ready: starting", code="starting"))
     try:
-        async with asyncio.timeout(rt.settings.redis.timeout * 2):
-            await rt.redis.ping()
+        async with asyncio.timeout(rt.settings.redis.timeout):
+            await rt.hot.ping()
     except Exception as exc:
         rt.metrics.redis_error[error_kind(exc)].inc()
-        return _unready("redis")
+        return error_response(ServiceUnavailable("not ready: Redis is unreachable", code="redis"))
     return Response(b'{"status":"ready"}', media_type=JSON)
-
-
-def _unready(reason: str) -> Response:
-    err = ServiceUnavailable(f"not ready: {reason}")
-    return Response(err.body(), status_code=503, media_type=JSON)

@@ -80,11 +80,6 @@ class KeyFormat:
         kid = token[self._kid_start : self._kid_start + KID_LEN].decode("ascii")
         return ParsedKey(kid, hashlib.sha256(token).hexdigest())
 
-    def secret_part(self, key: str) -> str:
-        """The secret segment of a key (what must never appear anywhere)."""
-        start = len(self.prefix) + KID_LEN
-        return key[start : start + SECRET_LEN]
-
 
 def bearer_token(value: bytes) -> bytes | None:
     """The credentials of an `Authorization: Bearer <token>` value, else None.
@@ -109,4 +104,16 @@ def bucket_keys(kid: str) -> tuple[str, str]:
     return f"{base}:m", f"{base}:d"
 
 
-RECORD_PATTERN = "edge:key:{*}"
+RECORD_PREFIX = "edge:key:{"
+RECORD_PATTERN = RECORD_PREFIX + "*}"
+_KID = re.compile(f"[0-9A-Za-z]{{{KID_LEN}}}")
+
+
+def kid_of(name: str | bytes) -> str | None:
+    """The inverse of `record_key`: the kid a record name holds, or None for any other name
+    (a bucket, or something an operator stored under edge's prefix)."""
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    if not (text.startswith(RECORD_PREFIX) and text.endswith("}")):
+        return None
+    kid = text[len(RECORD_PREFIX) : -1]
+    return kid if _KID.fullmatch(kid) else None

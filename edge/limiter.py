@@ -1,26 +1,41 @@
-"""Admission: one `admit.lua` call per request, decoded into a `Decision`, and the rate-limit
-headers that tell the client where it stands.
+"""Admission: one `admit.lua` call per request, decoded into a `Decision`; what a rejection
+answers (`rejection`); and the rate-limit headers that tell the client where it stands.
 
-The I/O is one await; decoding the reply and building the headers are plain functions.
+The I/O is one await; decoding the reply, mapping a decision to its answer and building the
+headers are plain functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import IntEnum
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from edge import errors
+from edge.errors import Headers
 from edge.keys import ParsedKey, bucket_keys, record_key
 from edge.metrics import Metrics
+from edge.redis_types import ScriptClient
 from edge.scripts import RedisUnavailable, Script
 from edge.settings import Plan
 
-ADMITTED, UNKNOWN, REVOKED, EXPIRED, PAUSED, MINUTE_EMPTY, DAY_EMPTY, PLAN_MISSING = range(8)
-Headers = list[tuple[bytes, bytes]]
+
+class Code(IntEnum):
+    """admit.lua's first reply entry (see the script's header)."""
+
+    ADMITTED = 0
+    UNKNOWN = 1
+    REVOKED = 2
+    EXPIRED = 3
+    PAUSED = 4
+    MINUTE_EMPTY = 5
+    DAY_EMPTY = 6
+    PLAN_MISSING = 7
 
 
 class Decision(NamedTuple):
-    code: int
+    code: Code
     plan: str
     rpm: int = 0
     rpd: int = 0
@@ -33,7 +48,7 @@ class Decision(NamedTuple):
 
 def decode(reply: Sequence[Any]) -> Decision:
     """The script's flat reply (see the header of admit.lua) as a `Decision`."""
-    code = int(reply[0])
+    code = Code(int(reply[0]))
     if len(reply) == 1:
         return Decision(code, "")
     plan = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
@@ -49,7 +64,9 @@ def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
 
 
 class Limiter:
-    def __init__(self, client: Any, script: Script, plans: Mapping[str, Plan], metrics: Metrics):
+    def __init__(
+        self, client: ScriptClient, script: Script, plans: Mapping[str, Plan], metrics: Metrics
+    ) -> None:
         self.client = client
         self.script = script
         self.plan_args = plan_args(plans)
@@ -122,6 +139,52 @@ def rejection_headers(d: Decision) -> Headers:
     """
     headers = rate_limit_headers(d)
     headers.append((b"retry-after", b"%d" % max(1, ceil_seconds(d.retry_ms))))
-    if d.code == DAY_EMPTY:
+    if d.code == Code.DAY_EMPTY:
         headers.append((b"x-should-retry", b"false"))
     return headers
+
+
+class Rejection(NamedTuple):
+    """What a request that was not admitted gets, and how it is counted."""
+
+    error: errors.EdgeError
+    outcome: str  # edge_requests_total's outcome label
+    known: bool  # counted under the record's plan; False: under "none" (no such key)
+    headers: Headers
+
+
+WINDOW_NAMES = {Code.MINUTE_EMPTY: "per min (RPM)", Code.DAY_EMPTY: "per day (RPD)"}
+
+
+def rejection(d: Decision) -> Rejection:
+    """The answer to a decision other than ADMITTED. Wording follows OpenAI's (see errors.py)."""
+    code = d.code
+    err: errors.EdgeError
+    if code in (Code.MINUTE_EMPTY, Code.DAY_EMPTY):
+        window = "minute" if code == Code.MINUTE_EMPTY else "day"
+        limit = d.rpm if code == Code.MINUTE_EMPTY else d.rpd
+        headers = rejection_headers(d)
+        wait = go_duration(max(1000, ceil_seconds(d.retry_ms) * 1000)).decode()
+        err = errors.RateLimited(
+            f"Rate limit reached for this API key on requests {WINDOW_NAMES[code]}: Limit "
+            f"{limit}, Requested 1. Please try again in {wait}."
+        )
+        return Rejection(err, f"rate_limited_{window}", True, headers)
+    if code == Code.PAUSED:
+        err = errors.PermissionDenied(
+            "This API key is paused: you have insufficient permissions for this operation "
+            "until it is resumed."
+        )
+        return Rejection(err, "forbidden", True, [])
+    if code == Code.PLAN_MISSING:
+        err = errors.ServiceUnavailable(
+            "This API key's plan is not configured on this server.", code="config_error"
+        )
+        return Rejection(err, "unavailable", True, [])
+    if code == Code.EXPIRED:
+        err = errors.InvalidApiKey("Incorrect API key provided: this API key has expired.")
+        return Rejection(err, "unauthorized", True, [])
+    if code == Code.REVOKED:
+        err = errors.InvalidApiKey("Incorrect API key provided: this API key has been revoked.")
+        return Rejection(err, "unauthorized", True, [])
+    return Rejection(errors.InvalidApiKey(), "unauthorized", False, [])

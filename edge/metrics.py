@@ -24,6 +24,7 @@ OUTCOMES = (
     "unavailable",
     "upstream_error",
     "bad_request",
+    "upstream_cut",
 )
 NO_PLAN = "none"
 UNKNOWN_PLAN = "unconfigured"

@@ -19,6 +19,7 @@ from edge.demo import start_demo_upstream
 from edge.keys import KeyFormat
 from edge.limiter import Limiter
 from edge.metrics import Metrics
+from edge.redis_types import ScriptClient
 from edge.scripts import Scripts
 from edge.settings import Settings, UpstreamSettings
 
@@ -28,7 +29,8 @@ log = logging.getLogger("edge")
 @dataclass
 class Runtime:
     settings: Settings
-    redis: Any
+    redis: Any  # redis-py: key management, listing (a StoreClient)
+    hot: ScriptClient  # the request path's client: admission and readiness
     scripts: Scripts
     limiter: Limiter
     metrics: Metrics
@@ -92,6 +94,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         yield Runtime(
             settings=settings,
             redis=redis,
+            hot=hot,
             scripts=scripts,
             limiter=Limiter(hot, scripts.admit, settings.plans, metrics),
             metrics=metrics,

@@ -20,8 +20,8 @@ from typing import Any
 from redis import exceptions as rex
 
 from edge.errors import ServiceUnavailable
+from edge.redis_types import Arg, ScriptClient, StoreClient
 
-EncodableT = str | bytes | int | float
 NoscriptHook = Callable[[], None]
 
 
@@ -58,9 +58,9 @@ class Script:
 
     async def __call__(
         self,
-        client: Any,
+        client: ScriptClient,
         keys: Sequence[str],
-        args: Sequence[EncodableT],
+        args: Sequence[Arg],
         on_noscript: NoscriptHook | None = None,
     ) -> Any:
         with redis_errors(f"{self.name}.lua"):
@@ -99,7 +99,7 @@ class Scripts:
     def all(self) -> list[Script]:
         return [self.admit, self.create, self.rotate, self.status, self.update]
 
-    async def load(self, client: Any) -> None:
+    async def load(self, client: StoreClient) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster)."""
         for script in self.all():
             sha = await client.script_load(script.source)

@@ -1,98 +1,134 @@
-"""Every knob of edge in one frozen object.
+"""Every knob of edge in one frozen, validated object.
 
-`load_settings(path, environ)` reads `config/edge.toml` (or the file `EDGE_CONFIG` names), then
-applies environment overrides. Each setting `section.name` is overridden by
-`EDGE_<SECTION>_<NAME>`; plans by `EDGE_PLANS_<PLAN>_RPM` / `_RPD`. Nothing here touches the
-network: side effects happen in `app.py` and `server.py`.
+`load_settings(path, environ, overrides)` reads `config/edge.toml` (or the file `EDGE_CONFIG`
+names), applies environment overrides, then the command line's, and validates the result with
+pydantic. Each setting `section.name` is overridden by `EDGE_<SECTION>_<NAME>`; plans by
+`EDGE_PLANS_<PLAN>_RPM` / `_RPD`.
+
+Validation is strict where the input is typed: a TOML value must already have the field's type
+(`port = 18740.9` or `keepalive_timeout = true` is an error, never coerced); environment values
+are text and are parsed (`"8080"` → 8080). Every error names the setting and where it came from,
+never its value (it may be a secret). Nothing here touches the network.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import tomllib
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from edge.urls import redact_url
 
 DEFAULT_CONFIG = Path("config") / "edge.toml"
-PLAN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+PLAN_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# At least 3 characters, ending in a separator, so a prefix never matches ordinary text.
+PREFIX = r"^[A-Za-z0-9][A-Za-z0-9_-]{1,14}[_-]$"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://")
+PATTERN_HELP = {
+    "keys": "must be 3-16 letters, digits, '_' or '-', ending in '_' or '-' (e.g. gw_sk_, gp-)",
+    "plans": "plan names are 1-32 lowercase letters, digits, '_' or '-'",
+}
+Seconds = Annotated[float, Field(gt=0, le=86_400 * 365, allow_inf_nan=False)]
+Count = Annotated[int, Field(gt=0, le=1_000_000)]
 
 
 class ConfigError(ValueError):
-    """The configuration cannot be used; the message says which setting and why."""
+    """The configuration cannot be used; the message names the setting and why, on one line."""
 
 
-class Secret:
-    """A string that never shows itself in `repr`, `str` or logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str = "") -> None:
-        self._value = value
-
-    def get(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('**********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 32 * 1024 * 1024
-    keepalive_timeout: float = 75.0
-    drain_timeout: float = 30.0
+class ServerSettings(_Section):
+    host: Annotated[str, StringConstraints(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65_535)] = 8080
+    max_body_bytes: Annotated[int, Field(gt=0, le=2**40)] = 32 * 1024 * 1024
+    # uvicorn takes these as delays; below a second they would only cause churn.
+    keepalive_timeout: Annotated[Seconds, Field(ge=1)] = 75.0
+    drain_timeout: Annotated[Seconds, Field(ge=1)] = 30.0
 
 
-@dataclass(frozen=True)
-class RedisSettings:
+class RedisSettings(_Section):
     url: str = ""
-    timeout: float = 0.25
-    max_connections: int = 256
+    timeout: Annotated[Seconds, Field(le=60)] = 0.25
+    max_connections: Count = 256
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, url: str) -> str:
+        if url:
+            from edge.connection import check_url  # lazy: imports redis
+
+            check_url(url)
+        return url
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" else value
 
 
-@dataclass(frozen=True)
-class UpstreamSettings:
+class UpstreamSettings(_Section):
     url: str = ""
-    api_key: Secret = field(default_factory=Secret)
-    connect_timeout: float = 5.0
-    read_timeout: float = 600.0
-    max_connections: int = 1000
+    api_key: SecretStr = SecretStr("")
+    organization: str = ""  # the operator's own OpenAI-Organization; clients' are dropped
+    project: str = ""  # the operator's own OpenAI-Project; clients' are dropped
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 600.0
+    max_connections: Count = 1000
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if url:
+            from edge.urls import check_upstream_url
+
+            check_upstream_url(url)
+        return url
+
+    @field_validator("organization", "project")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
+            raise ValueError("must be printable ASCII (it is sent as a header)")
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" else value
 
 
-@dataclass(frozen=True)
-class KeysSettings:
-    prefix: str = "gw_sk_"
+class KeysSettings(_Section):
+    prefix: Annotated[str, StringConstraints(pattern=PREFIX)] = "gw_sk_"
 
 
-@dataclass(frozen=True)
-class LogSettings:
-    level: str = "info"
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
-class Plan:
-    rpm: int
-    rpd: int
+class Plan(_Section):
+    rpm: Annotated[int, Field(ge=0, lt=10**12)]
+    rpd: Annotated[int, Field(ge=0, lt=10**12)]
+
+
+PlanName = Annotated[str, StringConstraints(pattern=PLAN_NAME)]
 
 
 def default_plans() -> dict[str, Plan]:
@@ -103,14 +139,15 @@ def default_plans() -> dict[str, Plan]:
     }
 
 
-@dataclass(frozen=True)
-class Settings:
-    server: ServerSettings = field(default_factory=ServerSettings)
-    redis: RedisSettings = field(default_factory=RedisSettings)
-    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
-    keys: KeysSettings = field(default_factory=KeysSettings)
-    log: LogSettings = field(default_factory=LogSettings)
-    plans: Mapping[str, Plan] = field(default_factory=default_plans)
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    keys: KeysSettings = KeysSettings()
+    log: LogSettings = LogSettings()
+    plans: Annotated[dict[PlanName, Plan], Field(min_length=1)] = Field(
+        default_factory=default_plans
+    )
 
     @property
     def embedded_redis(self) -> bool:
@@ -121,152 +158,100 @@ class Settings:
         return not self.upstream.url
 
 
-SECTIONS: dict[str, type[Any]] = {
+SECTIONS: dict[str, type[_Section]] = {
     "server": ServerSettings,
     "redis": RedisSettings,
     "upstream": UpstreamSettings,
     "keys": KeysSettings,
     "log": LogSettings,
 }
+Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def load_settings(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Overrides | None = None,
 ) -> Settings:
-    """Build `Settings` from a TOML file and the environment; raise `ConfigError` if invalid."""
+    """Build `Settings` from a TOML file, the environment and command-line `overrides`
+    (`{"server": {"port": 9000}}`, named after their flags in errors); raise `ConfigError`."""
     env = os.environ if environ is None else environ
-    data = _read_toml(path, env)
-    unknown = set(data) - set(SECTIONS) - {"plans"}
-    if unknown:
-        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-    sections = {
-        name: _section(name, cls, data.get(name, {}), env) for name, cls in SECTIONS.items()
-    }
-    plans = _plans(data.get("plans"), env)
-    settings = Settings(plans=plans, **sections)
-    _validate(settings)
-    return settings
+    where, data = _read_toml(path, env)
+    _validate(data, {}, default=where)  # the file as written, before anything is laid over it
+    origins: dict[str, str] = {}
+    merged = _with_environment(data, env, origins)
+    for section, values in (overrides or {}).items():
+        for name, value in values.items():
+            merged.setdefault(section, {})[name] = value
+            origins[f"{section}.{name}"] = f"--{name.replace('_', '-')}"
+    return _validate(merged, origins, default=where, strict=False)
 
 
-def _read_toml(path: str | Path | None, env: Mapping[str, str]) -> dict[str, Any]:
+def _read_toml(path: str | Path | None, env: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     explicit = path or env.get("EDGE_CONFIG")
     candidate = Path(explicit) if explicit else DEFAULT_CONFIG
     if not candidate.exists():
         if explicit:
             raise ConfigError(f"config file not found: {candidate}")
-        return {}
+        return "defaults", {}
     try:
         with candidate.open("rb") as f:
-            return tomllib.load(f)
+            return str(candidate), tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{candidate}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {candidate}: {exc.strerror}") from None
 
 
-def _section(name: str, cls: type[Any], table: Any, env: Mapping[str, str]) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for fname in known:
-        where = f"{name}.{fname}"
-        env_name = f"EDGE_{name}_{fname}".upper()
-        if env_name in env:
-            values[fname] = _coerce(env[env_name], hints[fname], f"{env_name} ({where})")
-        elif fname in table:
-            values[fname] = _coerce(table[fname], hints[fname], where)
-    return cls(**values)
+def _with_environment(
+    data: dict[str, Any], env: Mapping[str, str], origins: dict[str, str]
+) -> dict[str, Any]:
+    """`data` with every `EDGE_<SECTION>_<NAME>` / `EDGE_PLANS_<PLAN>_<RPM|RPD>` laid over it."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            env_name = f"EDGE_{section}_{name}".upper()
+            if env_name in env:
+                merged.setdefault(section, {})[name] = env[env_name]
+                origins[f"{section}.{name}"] = env_name
+    plans = merged.get("plans")
+    if plans is None:
+        plans = {n: p.model_dump() for n, p in default_plans().items()}
+    if isinstance(plans, dict):
+        plans = {n: dict(p) if isinstance(p, dict) else p for n, p in plans.items()}
+        for plan, spec in plans.items():
+            for window in ("rpm", "rpd"):
+                env_name = f"EDGE_PLANS_{plan}_{window}".upper().replace("-", "_")
+                if env_name in env and isinstance(spec, dict):
+                    spec[window] = env[env_name]
+                    origins[f"plans.{plan}.{window}"] = env_name
+        merged["plans"] = plans
+    return merged
 
 
-def _coerce(raw: Any, kind: Any, where: str) -> Any:
-    """Turn a TOML or environment value into the field's type, or explain why not."""
-    if kind is Secret:
-        return Secret(_coerce(raw, str, where))
-    if isinstance(kind, types.UnionType):
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
-        raise ConfigError(f"{where} must be true or false")
-    if kind is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{where} must be an integer")
-        try:
-            return int(str(raw).replace("_", "")) if isinstance(raw, str) else int(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be an integer") from None
-    if kind is float:
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where} must be a finite number")
-        return value
-    if not isinstance(raw, str):
-        raise ConfigError(f"{where} must be a string")
-    return raw
+def _validate(
+    data: dict[str, Any], origins: Mapping[str, str], default: str, strict: bool = True
+) -> Settings:
+    try:
+        return Settings.model_validate(data, strict=strict)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_explain(exc, origins, default))) from None
 
 
-def _plans(table: Any, env: Mapping[str, str]) -> dict[str, Plan]:
-    if table is None:
-        raw: dict[str, Any] = {n: dataclasses.asdict(p) for n, p in default_plans().items()}
-    elif isinstance(table, dict):
-        raw = table
-    else:
-        raise ConfigError("[plans] must be a table of tables")
-    plans: dict[str, Plan] = {}
-    for name, spec in raw.items():
-        if not PLAN_NAME.match(name):
-            raise ConfigError(f"plan name {name!r} must match {PLAN_NAME.pattern}")
-        if not isinstance(spec, dict) or set(spec) - {"rpm", "rpd"}:
-            raise ConfigError(f"[plans.{name}] takes exactly rpm and rpd")
-        limits = {}
-        for window in ("rpm", "rpd"):
-            env_name = f"EDGE_PLANS_{name}_{window}".upper().replace("-", "_")
-            where = f"plans.{name}.{window}"
-            value = env.get(env_name, spec.get(window))
-            if value is None:
-                raise ConfigError(f"{where} is missing")
-            label = f"{env_name} ({where})" if env_name in env else where
-            limits[window] = _coerce(value, int, label)
-            if limits[window] < 0:
-                raise ConfigError(f"plans.{name}.{window} must be >= 0")
-        plans[name] = Plan(**limits)
-    if not plans:
-        raise ConfigError("at least one plan must be configured")
-    return plans
-
-
-def _validate(s: Settings) -> None:
-    positive = {
-        "server.max_body_bytes": s.server.max_body_bytes,
-        "server.keepalive_timeout": s.server.keepalive_timeout,
-        "redis.timeout": s.redis.timeout,
-        "redis.max_connections": s.redis.max_connections,
-        "upstream.connect_timeout": s.upstream.connect_timeout,
-        "upstream.read_timeout": s.upstream.read_timeout,
-        "upstream.max_connections": s.upstream.max_connections,
-    }
-    for where, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{where} must be > 0")
-    if not 0 < s.server.port < 65536:
-        raise ConfigError("server.port must be between 1 and 65535")
-    if not PREFIX.match(s.keys.prefix):
-        raise ConfigError("keys.prefix must be 1-16 characters of letters, digits, '_' or '-'")
-    if s.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise ConfigError("log.level must be debug, info, warning, error or critical")
-    if s.upstream.url and not s.upstream.url.startswith(("http://", "https://")):
-        raise ConfigError("upstream.url must start with http:// or https://")
-    schemes = ("redis://", "rediss://", "unix://", "redis+cluster://")
-    if s.redis.url and not s.redis.url.startswith(schemes):
-        raise ConfigError(f"redis.url must start with one of {', '.join(schemes)}")
+def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> Iterator[str]:
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+        if loc and loc[-1] in ("[key]", "str") and error["type"] == "string_pattern_mismatch":
+            loc = loc[:-1]
+        dotted = ".".join(loc) or "config"
+        source = origins.get(dotted, default)
+        message = error["msg"]
+        if error["type"] == "string_pattern_mismatch":
+            message = PATTERN_HELP.get(loc[0], message)
+        elif error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] == "missing":
+            message = "missing"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        yield f"{dotted} ({source}): {message}"

@@ -11,7 +11,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge.keys import KID_LEN, RECORD_PATTERN, key_hash, make_key, new_kid, record_key
+from edge.keys import KID_LEN, RECORD_PATTERN, key_hash, kid_of, make_key, new_kid, record_key
+from edge.redis_types import StoreClient
 from edge.scripts import Scripts, redis_errors
 from edge.settings import Settings
 
@@ -19,6 +20,9 @@ KID = re.compile(rf"^[0-9A-Za-z]{{{KID_LEN}}}$")
 WHOLE = re.compile(r"^\d{1,12}$")
 TEXT_LIMIT = 200
 STATUSES = ("active", "paused", "revoked")
+# Durations edge accepts for expiry and rotation grace: whole seconds up to 100 years, so the
+# resulting Unix times stay 10-12 digit integers that admit.lua and `keys show` read alike.
+MAX_SECONDS = 100 * 365 * 86_400
 
 
 class StoreError(Exception):
@@ -78,12 +82,26 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
         rpm_override=rpm_o,
         rpd_override=rpd_o,
         created=_int(f.get("created")),
-        expires=_int(f.get("expires")),
+        expires=_expires(f.get("expires")),
         last_used=_int(f.get("last_used")),
         requests=_int(f.get("requests")) or 0,
         rotated=_int(f.get("rotated")),
         previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
     )
+
+
+def _expires(value: str | None) -> int | None:
+    """As admit.lua reads it: empty = never; anything but a whole number = already expired (0)."""
+    if not value:
+        return None
+    parsed = _int(value)
+    return 0 if parsed is None else parsed
+
+
+def check_seconds(label: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SECONDS:
+        raise StoreError(f"{label} must be whole seconds from {minimum} to {MAX_SECONDS}")
+    return value
 
 
 def check_kid(kid: str) -> str:
@@ -106,7 +124,7 @@ def _check_limit(label: str, value: int | None) -> None:
 class KeyStore:
     """Key operations against one Redis client; the CLI and the app share it."""
 
-    def __init__(self, client: Any, scripts: Scripts, settings: Settings) -> None:
+    def __init__(self, client: StoreClient, scripts: Scripts, settings: Settings) -> None:
         self.client = client
         self.scripts = scripts
         self.settings = settings
@@ -126,8 +144,8 @@ class KeyStore:
             raise StoreError(f"unknown plan {plan!r}; configured plans: {known}")
         _check_limit("rpm", rpm)
         _check_limit("rpd", rpd)
-        if expires_in is not None and expires_in <= 0:
-            raise StoreError("expires_in must be a positive number of seconds")
+        if expires_in is not None:
+            check_seconds("expires_in", expires_in, 1)
         fields: list[str | int] = ["plan", plan]
         fields += ["name", _check_text("name", name)] if name else []
         fields += ["owner", _check_text("owner", owner)] if owner else []
@@ -157,11 +175,12 @@ class KeyStore:
             names = [n async for n in self.client.scan_iter(match=RECORD_PATTERN, count=1000)]
         records = []
         for name in names:
-            text = name.decode() if isinstance(name, bytes) else name
-            kid = text[len("edge:key:{") : -1]
+            kid = kid_of(name)
+            if kid is None:
+                continue
             with redis_errors("reading a key"):
-                raw = await self.client.hgetall(text)
-            if raw and KID.match(kid):
+                raw = await self.client.hgetall(record_key(kid))
+            if raw:
                 record = decode_record(kid, raw, self.settings)
                 if owner is None or record.owner == owner:
                     records.append(record)
@@ -179,8 +198,7 @@ class KeyStore:
 
     async def rotate(self, kid: str, grace_seconds: int = 0) -> tuple[str, KeyRecord]:
         """A new secret for the same kid; the old key stays valid for `grace_seconds`."""
-        if grace_seconds < 0:
-            raise StoreError("grace must be >= 0 seconds")
+        check_seconds("grace", grace_seconds, 0)
         key = make_key(self.settings.keys.prefix, check_kid(kid))
         done = await self.scripts.rotate(
             self.client, [record_key(kid)], [key_hash(key), grace_seconds]

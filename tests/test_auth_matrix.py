@@ -23,6 +23,7 @@ from edge import keys
 from edge.store import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.keys import secret_part
 from tests.support.monitor import CommandCounter
 from tests.support.redis_server import RedisServer
 
@@ -79,7 +80,7 @@ def flip(ch: str) -> str:
 
 def malformed_cases(key: str) -> dict[str, tuple[list[bytes], bytes]]:
     """name → (Authorization header lines, the token bytes that must not be reflected)."""
-    kid, secret = key[len(PREFIX) : len(PREFIX) + keys.KID_LEN], FMT.secret_part(key)
+    kid, secret = key[len(PREFIX) : len(PREFIX) + keys.KID_LEN], secret_part(key)
     stem = PREFIX + kid
 
     def bearer(token: str | bytes) -> tuple[list[bytes], bytes]:
@@ -147,7 +148,7 @@ def test_malformed_authorization_matrix(
     if presented:
         assert presented not in resp.raw, f"{case}: the response reflects the presented token"
     assert key.encode() not in resp.raw
-    assert FMT.secret_part(key).encode() not in resp.raw
+    assert secret_part(key).encode() not in resp.raw
 
 
 def test_lowercase_bearer_scheme_is_accepted(

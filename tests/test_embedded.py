@@ -16,7 +16,7 @@ import httpx
 import redis.asyncio
 
 from edge import connection, keys
-from edge.limiter import ADMITTED, MINUTE_EMPTY, PAUSED, REVOKED, UNKNOWN, decode, plan_args
+from edge.limiter import Code, decode, plan_args
 from edge.scripts import Script
 from edge.settings import load_settings
 from tests.support.edge_process import CONFIG, EdgeProcess, edge_env
@@ -106,12 +106,12 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
 
     assert on_fake == on_real
     assert on_real == [
-        (ADMITTED, "free", 3, 1000, 2, 999),
-        (ADMITTED, "free", 3, 1000, 1, 998),
-        (ADMITTED, "free", 3, 1000, 0, 997),
-        (MINUTE_EMPTY, "free", 3, 1000, 0, 997),
-        (UNKNOWN, "", 0, 0, 0, 0),
-        (UNKNOWN, "", 0, 0, 0, 0),
-        (PAUSED, "free", 0, 0, 0, 0),
-        (REVOKED, "free", 0, 0, 0, 0),
+        (Code.ADMITTED, "free", 3, 1000, 2, 999),
+        (Code.ADMITTED, "free", 3, 1000, 1, 998),
+        (Code.ADMITTED, "free", 3, 1000, 0, 997),
+        (Code.MINUTE_EMPTY, "free", 3, 1000, 0, 997),
+        (Code.UNKNOWN, "", 0, 0, 0, 0),
+        (Code.UNKNOWN, "", 0, 0, 0, 0),
+        (Code.PAUSED, "free", 0, 0, 0, 0),
+        (Code.REVOKED, "free", 0, 0, 0, 0),
     ]

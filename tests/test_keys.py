@@ -17,10 +17,12 @@ from edge.keys import (
     bearer_token,
     bucket_keys,
     key_hash,
+    kid_of,
     make_key,
     new_kid,
     record_key,
 )
+from tests.support.keys import secret_part
 
 FMT = KeyFormat("gw_sk_")
 
@@ -76,7 +78,7 @@ def test_malformed_keys_are_rejected(mutate) -> None:  # type: ignore[no-untyped
 
 
 def test_other_prefixes() -> None:
-    for prefix in ("gp-", "gk-prx-", "x"):
+    for prefix in ("gp-", "gk-prx-", "sk_"):
         fmt = KeyFormat(prefix)
         key = make_key(prefix, new_kid())
         assert fmt.parse(key.encode()) is not None
@@ -86,7 +88,7 @@ def test_other_prefixes() -> None:
 def test_secret_part_is_the_random_segment() -> None:
     kid = new_kid()
     key = make_key("gw_sk_", kid)
-    secret = FMT.secret_part(key)
+    secret = secret_part(key)
     assert len(secret) == BODY_LEN - KID_LEN - CHECKSUM_LEN
     assert key == "gw_sk_" + kid + secret + key[-CHECKSUM_LEN:]
 
@@ -116,3 +118,12 @@ def test_redis_key_names_share_one_hash_tag() -> None:
     assert record == f"edge:key:{{{kid}}}"
     for name in (record, minute, day):
         assert name[name.index("{") + 1 : name.index("}")] == kid
+
+
+def test_kid_of_inverts_record_key() -> None:
+    kid = new_kid()
+    assert kid_of(record_key(kid)) == kid
+    assert kid_of(record_key(kid).encode()) == kid
+    minute, day = bucket_keys(kid)
+    for other in (minute, day, "edge:key:{short}", "edge:key:{" + kid + "}x", "other", b"\xff"):
+        assert kid_of(other) is None

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from edge import errors
 from edge.limiter import (
-    ADMITTED,
-    DAY_EMPTY,
-    MINUTE_EMPTY,
-    UNKNOWN,
+    Code,
     Decision,
     decode,
     go_duration,
     plan_args,
     rate_limit_headers,
+    rejection,
     rejection_headers,
 )
 from edge.settings import Plan
@@ -19,13 +18,13 @@ from edge.settings import Plan
 
 def test_decode_full_and_short_replies() -> None:
     d = decode([0, b"free", 20, 1000, 19, 3000, 999, 86400, 0])
-    assert d == Decision(ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0)
-    assert decode([1]) == Decision(UNKNOWN, "")
+    assert d == Decision(Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0)
+    assert decode([1]) == Decision(Code.UNKNOWN, "")
     assert decode([4, b"pro"]).plan == "pro"
 
 
 def test_plan_args_flatten_the_table() -> None:
-    assert plan_args({"free": Plan(20, 1000), "pro": Plan(200, 50000)}) == [
+    assert plan_args({"free": Plan(rpm=20, rpd=1000), "pro": Plan(rpm=200, rpd=50000)}) == [
         "free",
         20,
         1000,
@@ -47,7 +46,7 @@ def test_go_duration_matches_openai_style() -> None:
 
 
 def test_headers_of_an_admitted_request() -> None:
-    d = Decision(ADMITTED, "free", 20, 1000, 19, 3000, 999, 86_400, 0)
+    d = Decision(Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86_400, 0)
     h = dict(rate_limit_headers(d))
     assert h[b"x-ratelimit-limit-requests"] == b"20"
     assert h[b"x-ratelimit-remaining-requests"] == b"19"
@@ -58,7 +57,7 @@ def test_headers_of_an_admitted_request() -> None:
 
 
 def test_retry_after_is_a_whole_number_of_seconds_at_least_one() -> None:
-    minute = Decision(MINUTE_EMPTY, "free", 20, 1000, 0, 60_000, 900, 8_000_000, 1)
+    minute = Decision(Code.MINUTE_EMPTY, "free", 20, 1000, 0, 60_000, 900, 8_000_000, 1)
     h = dict(rejection_headers(minute))
     assert h[b"retry-after"] == b"1"
     assert b"x-should-retry" not in h
@@ -67,7 +66,35 @@ def test_retry_after_is_a_whole_number_of_seconds_at_least_one() -> None:
 
 
 def test_day_rejection_tells_sdks_not_to_retry() -> None:
-    day = Decision(DAY_EMPTY, "free", 20, 1000, 19, 3000, 0, 86_400_000, 86_400)
+    day = Decision(Code.DAY_EMPTY, "free", 20, 1000, 19, 3000, 0, 86_400_000, 86_400)
     h = dict(rejection_headers(day))
     assert h[b"retry-after"] == b"87"
     assert h[b"x-should-retry"] == b"false"
+
+
+def test_rejections_map_to_error_outcome_and_headers() -> None:
+    """`Decision → (error, outcome, headers)`, one row per code that is not an admission."""
+    minute = Decision(Code.MINUTE_EMPTY, "free", 20, 1000, 0, 60_000, 900, 8_000_000, 2_500)
+    day = Decision(Code.DAY_EMPTY, "free", 20, 1000, 19, 3000, 0, 86_400_000, 86_400)
+    table = [
+        (Decision(Code.UNKNOWN, ""), errors.InvalidApiKey, "unauthorized", False),
+        (Decision(Code.REVOKED, "free"), errors.InvalidApiKey, "unauthorized", True),
+        (Decision(Code.EXPIRED, "free"), errors.InvalidApiKey, "unauthorized", True),
+        (Decision(Code.PAUSED, "free"), errors.PermissionDenied, "forbidden", True),
+        (Decision(Code.PLAN_MISSING, "gold"), errors.ServiceUnavailable, "unavailable", True),
+        (minute, errors.RateLimited, "rate_limited_minute", True),
+        (day, errors.RateLimited, "rate_limited_day", True),
+    ]
+    for decision, kind, outcome, known in table:
+        answer = rejection(decision)
+        assert type(answer.error) is kind, decision
+        assert (answer.outcome, answer.known) == (outcome, known), decision
+        assert bool(answer.headers) == (kind is errors.RateLimited)
+    assert "expired" in rejection(table[2][0]).error.message
+    assert "revoked" in rejection(table[1][0]).error.message
+    minute_answer = rejection(minute)
+    assert "per min (RPM): Limit 20" in minute_answer.error.message
+    assert "try again in 3s" in minute_answer.error.message
+    assert dict(minute_answer.headers)[b"retry-after"] == b"3"
+    assert "per day (RPD): Limit 1000" in rejection(day).error.message
+    assert rejection(Decision(Code.PLAN_MISSING, "gold")).error.code == "config_error"

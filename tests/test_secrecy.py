@@ -21,6 +21,7 @@ from edge import keys
 from edge.store import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, run_cli
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.keys import secret_part
 from tests.support.redis_server import RedisServer
 
 FMT = keys.KeyFormat("gw_sk_")
@@ -67,7 +68,7 @@ def test_key_stored_only_as_hash(
     answer: dict[str, Any] = json.loads(created.stdout)
     key, kid = answer["key"], answer["id"]
     assert FMT.parse(key.encode()) is not None and kid in key
-    secret = FMT.secret_part(key)
+    secret = secret_part(key)
     digest = hashlib.sha256(key.encode()).hexdigest()
     plaintext = {"key": key, "secret": secret}
 
@@ -125,9 +126,9 @@ def test_key_not_in_debug_log_or_metrics(
 
     forbidden = {
         "key": key,
-        "secret": FMT.secret_part(key),
+        "secret": secret_part(key),
         "unknown key": unknown,
-        "unknown key's secret": FMT.secret_part(unknown),
+        "unknown key's secret": secret_part(unknown),
         "provider key": PROVIDER_KEY,
     }
     assert_absent(metrics, forbidden, "/metrics")

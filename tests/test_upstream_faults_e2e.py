@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from edge import errors
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
@@ -46,7 +47,7 @@ def test_upstream_header_timeout_is_a_504(
     assert time.perf_counter() - start < 1.5
     assert resp.status_code == 504
     assert resp.json()["error"] == {
-        "message": "The upstream API did not answer in time.",
+        "message": errors.UpstreamTimeout.message,
         "type": "upstream_error",
         "param": None,
         "code": "upstream_timeout",
@@ -59,6 +60,9 @@ def test_stream_cut_midway_never_hangs(edge: EdgeProcess, upstream: FakeUpstream
     """T16: an upstream reset mid-stream ends the client's stream at once, visibly incomplete."""
     key, _ = make_key()
     log_before = len(edge.log())
+    cuts_before = value(
+        scrape(edge.url), "edge_requests_total", plan="free", outcome="upstream_cut"
+    )
     events = 0
     start = time.perf_counter()
     with (
@@ -81,10 +85,12 @@ def test_stream_cut_midway_never_hangs(edge: EdgeProcess, upstream: FakeUpstream
     assert events == 3
     assert time.perf_counter() - start < 1
     new_log = edge.log()[log_before:]
-    assert new_log.count("stream cut") == 1, new_log
+    assert new_log.count("cut mid-way") == 1, new_log
     assert "Traceback" not in new_log
     assert "ASGI callable" not in new_log
     assert _inflight_settles(edge)
+    cuts = value(scrape(edge.url), "edge_requests_total", plan="free", outcome="upstream_cut")
+    assert cuts == cuts_before + 1
 
 
 def _inflight_settles(edge: EdgeProcess) -> bool:

@@ -9,8 +9,13 @@ ARGV[2…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (reque
 
 Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd (optional overrides,
 non-negative integers; anything else falls back to the plan), status (active | paused |
-revoked; empty = active), expires (unix s; empty = never).
+revoked; empty = active), expires (unix s; empty = never; anything else = expired),
+requests (a count; anything else is reset).
 Record fields written on admission: last_used (unix s), requests (+1).
+
+Every field is read and validated before the first write, and every write is one that cannot
+fail on any value an operator may have stored (HSET, PEXPIRE, HINCRBY on a checked integer):
+garbage in a record gives a defined answer, never an error after a bucket was charged.
 
 Time is Redis time (TIME) in milliseconds, never the caller's. Buckets refill continuously:
 capacity / 60000 tokens per ms (minute) and capacity / 86400000 per ms (day). A request is
@@ -39,7 +44,7 @@ local function whole(v)
 end
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
-  'status', 'expires')
+  'status', 'expires', 'requests')
 if not rec[1] then return {1} end
 
 local clock = redis.call('TIME')
@@ -116,5 +121,9 @@ redis.call('PEXPIRE', KEYS[2], m_full + 1000)
 redis.call('HSET', KEYS[3], 'tokens', dt, 'ts', dts)
 redis.call('PEXPIRE', KEYS[3], d_full + 1000)
 redis.call('HSET', KEYS[1], 'last_used', now_s)
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
+if whole(rec[9]) then
+  redis.call('HINCRBY', KEYS[1], 'requests', 1)
+else
+  redis.call('HSET', KEYS[1], 'requests', 1)
+end
 return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0}

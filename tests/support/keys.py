@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 from edge import connection
+from edge.keys import KID_LEN, SECRET_LEN
 from edge.scripts import Scripts
 from edge.settings import RedisSettings, load_settings
 from edge.store import KeyRecord, KeyStore
@@ -47,3 +48,9 @@ def store_call(redis_url: str, action: Any) -> Any:
 def new_key(redis_url: str, plan: str = "free", **kw: Any) -> tuple[str, KeyRecord]:
     """(plaintext key, record) of a fresh key."""
     return store_call(redis_url, lambda store: store.create(plan, **kw))  # type: ignore[no-any-return]
+
+
+def secret_part(key: str, prefix: str = "gw_sk_") -> str:
+    """The secret segment of a key: what must never appear anywhere but the create answer."""
+    start = len(prefix) + KID_LEN
+    return key[start : start + SECRET_LEN]

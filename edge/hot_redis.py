@@ -1,4 +1,4 @@
-"""A lean, pipelined RESP2 client for the request hot path (EVALSHA / EVAL only).
+"""A lean, pipelined RESP2 client for the request hot path (EVALSHA / EVAL / PING only).
 
 Why not redis-py here: profiling edge under load (py-spy, 32 connections) put redis-py's async
 command path at ~26% of the process's CPU: every send wraps the write in `asyncio.wait_for`
@@ -8,26 +8,28 @@ caller's command on it (Redis is single-threaded; one connection is not a bottle
 replies to callers in order with hiredis's parser, and coalesces the writes of one event-loop
 turn into one `send()`.
 
-Failure behaviour is the hot path's contract: no retries ever; each call has a deadline; on a
-deadline miss the connection is dropped and every caller waiting on it fails at once (they
+It is built from redis-py's own parse of the URL (`connection.parse_redis_url`), so host,
+port, socket path, user, password, database, client name and every TLS option mean exactly
+what they mean to redis-py and the CLI.
+
+Failure behaviour is the hot path's contract: no retries ever; each call has one deadline,
+`timeout` after it was made, that covers connecting (TCP, TLS, AUTH) and the reply together;
+on a deadline miss the connection is dropped and every caller waiting on it fails at once (they
 would all miss their deadlines anyway), and the next call reconnects. Errors are redis-py's
 exception classes, so callers translate them in one place (`scripts.py`).
-
-redis-py keeps everything off the hot path (admin, health checks, Redis Cluster, embedded).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from typing import Any
 
 import hiredis
 from redis import exceptions as rex
-from redis.asyncio.connection import SSLConnection, parse_url
 
-Arg = str | bytes | int | float
+from edge.connection import parse_redis_url, tls_context
+from edge.redis_types import Arg
 
 
 def pack(args: tuple[Arg, ...]) -> bytes:
@@ -59,21 +61,20 @@ class _Pipe(asyncio.Protocol):
     """One connection: commands go out in order, replies come back in the same order.
 
     Deadlines are kept by one watchdog timer per connection rather than a timer per call: it
-    fires at the oldest pending call's deadline and, if that reply is still missing, fails the
-    connection; otherwise it re-arms for the new oldest. Under load that is one timer per
-    `timeout` period instead of one per request.
+    fires at the earliest pending deadline and, if that reply is still missing, fails the
+    connection; otherwise it re-arms. Under load that is one timer per `timeout` period
+    instead of one per request.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future[Any]] = deque()
-        self.deadlines: deque[float] = deque()
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.timeout = timeout
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._armed_at = float("inf")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -84,8 +85,7 @@ class _Pipe(asyncio.Protocol):
             if not self.pending:
                 self.fail(rex.ConnectionError("reply without a request"))
                 return
-            fut = self.pending.popleft()
-            self.deadlines.popleft()
+            fut, _ = self.pending.popleft()
             if fut.done():  # its caller gave up (cancelled); the reply is just consumed
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -97,28 +97,36 @@ class _Pipe(asyncio.Protocol):
         self.closed = True
         self._fail_pending(rex.ConnectionError(f"Redis closed the connection: {exc or 'EOF'}"))
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
+    def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
+        """Queue one command; its reply must arrive by `deadline` (loop time)."""
         fut = self._loop.create_future()
         if self.closed:
             fut.set_exception(rex.ConnectionError("connection to Redis is closed"))
             return fut
-        self.pending.append(fut)
-        self.deadlines.append(self._loop.time() + self.timeout)
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_at(self.deadlines[0], self._check_deadline)
+        self.pending.append((fut, deadline))
+        if deadline < self._armed_at:
+            self._arm(deadline)
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(packed)
         return fut
 
-    def _check_deadline(self) -> None:
-        self._watchdog = None
-        if not self.deadlines or self.closed:
+    def _arm(self, at: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._armed_at = at
+        self._watchdog = self._loop.call_at(at, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._watchdog, self._armed_at = None, float("inf")
+        waiting = [deadline for fut, deadline in self.pending if not fut.done()]
+        if not waiting or self.closed:
             return
-        if self.deadlines[0] <= self._loop.time():
-            self.fail(rex.TimeoutError(f"no reply from Redis within {self.timeout}s"))
+        earliest = min(waiting)
+        if earliest <= self._loop.time():
+            self.fail(rex.TimeoutError("no reply from Redis in time"))
         else:
-            self._watchdog = self._loop.call_at(self.deadlines[0], self._check_deadline)
+            self._arm(earliest)
 
     def _flush(self) -> None:
         data, self._out = b"".join(self._out), []
@@ -135,39 +143,41 @@ class _Pipe(asyncio.Protocol):
     def _fail_pending(self, exc: rex.RedisError) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-            self._watchdog = None
-        self.deadlines.clear()
+            self._watchdog, self._armed_at = None, float("inf")
         while self.pending:
-            fut = self.pending.popleft()
+            fut, _ = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
 
 
-class RespClient:
+class PipelinedRedis:
     """`await client.evalsha(sha, numkeys, *keys_and_args)` over one pipelined connection."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        params = parse_url(url)
+        params = parse_redis_url(url)
         self.timeout = timeout
         self._path: str | None = params.get("path")
-        self._host: str = params.get("host", "127.0.0.1")
+        self._host: str = params.get("host", "localhost")
         self._port: int = params.get("port", 6379)
-        tls = params.get("connection_class") is SSLConnection
-        self._ssl = ssl.create_default_context() if tls else None
+        self._ssl = tls_context(params) if url.startswith("rediss://") else None
         self._handshake: list[tuple[Arg, ...]] = []
         if params.get("password"):
             user, password = params.get("username"), params["password"]
             self._handshake.append(("AUTH", user, password) if user else ("AUTH", password))
         if params.get("db"):
             self._handshake.append(("SELECT", params["db"]))
+        if params.get("client_name"):
+            self._handshake.append(("CLIENT", "SETNAME", params["client_name"]))
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Task[_Pipe] | None = None
 
     async def execute(self, *args: Arg) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         pipe = self._pipe
         if pipe is None or pipe.closed:
-            pipe = await self._connection()
-        return await pipe.send(pack(args))
+            pipe = await self._connection(deadline)
+        return await pipe.send(pack(args), deadline)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)
@@ -175,37 +185,44 @@ class RespClient:
     async def eval(self, script: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVAL", script, numkeys, *keys_and_args)
 
-    async def _connection(self) -> _Pipe:
-        """The live connection, opening it once for all concurrent callers."""
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.create_task(self._connect())
-        return await asyncio.shield(self._connecting)
+    async def ping(self) -> Any:
+        return await self.execute("PING")
 
-    async def _connect(self) -> _Pipe:
+    async def _connection(self, deadline: float) -> _Pipe:
+        """The live connection, opening it once for all concurrent callers; each caller waits
+        no longer than its own deadline."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._connect(deadline))
+            # Callers that gave up must not leave its failure unretrieved.
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise rex.TimeoutError("could not connect to Redis in time") from None
+
+    async def _connect(self, deadline: float) -> _Pipe:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 if self._path:
-                    _, pipe = await loop.create_unix_connection(self._protocol, self._path)
+                    _, pipe = await loop.create_unix_connection(_Pipe, self._path)
                 else:
                     _, pipe = await loop.create_connection(
-                        self._protocol, self._host, self._port, ssl=self._ssl
+                        _Pipe, self._host, self._port, ssl=self._ssl
                     )
                 try:
                     for command in self._handshake:
-                        await pipe.send(pack(command))
+                        await pipe.send(pack(command), deadline)
                 except BaseException:
                     pipe.fail(rex.ConnectionError("Redis handshake failed"))
                     raise
         except TimeoutError:
-            raise rex.TimeoutError(f"could not connect to Redis within {self.timeout}s") from None
-        except OSError as exc:
+            raise rex.TimeoutError("could not connect to Redis in time") from None
+        except OSError as exc:  # refused, unreachable, TLS verification (ssl.SSLError)
             raise rex.ConnectionError(f"could not connect to Redis: {exc}") from None
         self._pipe = pipe
         return pipe
-
-    def _protocol(self) -> _Pipe:
-        return _Pipe(self.timeout)
 
     async def aclose(self) -> None:
         if self._connecting is not None and not self._connecting.done():

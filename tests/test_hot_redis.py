@@ -1,4 +1,4 @@
-"""edge/resp.py, the hot-path RESP client, against real redis-servers: replies reach the right
+"""edge/hot_redis.py, the hot-path Redis client, against real redis-servers: replies reach the right
 caller, deadlines hold when Redis stops answering, and it recovers by itself."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis import exceptions as rex
 
-from edge.resp import RespClient, pack
+from edge.hot_redis import PipelinedRedis, pack
 from tests.support.redis_server import RedisServer
 
 
@@ -20,7 +20,7 @@ def test_pack_is_a_resp_array_of_bulk_strings() -> None:
 
 
 async def test_concurrent_callers_get_their_own_replies(redis_server: RedisServer) -> None:
-    client = RespClient(redis_server.url, 2.0)
+    client = PipelinedRedis(redis_server.url, 2.0)
     try:
         replies = await asyncio.gather(*(client.execute("ECHO", f"m{i}") for i in range(500)))
         assert replies == [f"m{i}".encode() for i in range(500)]
@@ -30,7 +30,7 @@ async def test_concurrent_callers_get_their_own_replies(redis_server: RedisServe
 
 async def test_cancelled_callers_do_not_shift_replies(redis_server: RedisServer) -> None:
     """A caller that gives up leaves its reply to be consumed, not handed to the next one."""
-    client = RespClient(redis_server.url, 2.0)
+    client = PipelinedRedis(redis_server.url, 2.0)
     try:
         for _ in range(20):
             slow = asyncio.ensure_future(client.execute("EVAL", "return ARGV[1]", 0, "cancelled"))
@@ -42,7 +42,7 @@ async def test_cancelled_callers_do_not_shift_replies(redis_server: RedisServer)
 
 
 async def test_errors_are_redis_py_exceptions(redis_server: RedisServer) -> None:
-    client = RespClient(redis_server.url, 2.0)
+    client = PipelinedRedis(redis_server.url, 2.0)
     try:
         with pytest.raises(rex.NoScriptError):
             await client.evalsha("0" * 40, 0)
@@ -55,7 +55,7 @@ async def test_errors_are_redis_py_exceptions(redis_server: RedisServer) -> None
 
 async def test_deadline_when_redis_stops_answering_then_recovery(redis_factory) -> None:
     server: RedisServer = redis_factory()
-    client = RespClient(server.url, 0.2)
+    client = PipelinedRedis(server.url, 0.2)
     try:
         assert await client.execute("PING") == b"PONG"
         server.pause()  # SIGSTOP: the socket stays open, nothing answers
@@ -80,7 +80,7 @@ async def test_deadline_when_redis_stops_answering_then_recovery(redis_factory) 
 
 async def test_connection_refused_then_back(redis_factory) -> None:
     server: RedisServer = redis_factory()
-    client = RespClient(server.url, 0.5)
+    client = PipelinedRedis(server.url, 0.5)
     try:
         assert await client.execute("PING") == b"PONG"
         server.kill()
@@ -97,8 +97,8 @@ async def test_connection_refused_then_back(redis_factory) -> None:
 
 async def test_password_and_database_from_the_url(redis_factory) -> None:
     server: RedisServer = redis_factory("--requirepass", "s3cret")
-    good = RespClient(f"redis://:s3cret@127.0.0.1:{server.port}/3", 1.0)
-    bad = RespClient(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
+    good = PipelinedRedis(f"redis://:s3cret@127.0.0.1:{server.port}/3", 1.0)
+    bad = PipelinedRedis(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
     try:
         await good.execute("SET", "where", "db3")
         assert await good.execute("GET", "where") == b"db3"
@@ -115,7 +115,7 @@ async def test_password_and_database_from_the_url(redis_factory) -> None:
 async def test_unix_socket(redis_factory, tmp_path: Path) -> None:
     path = tmp_path / "redis.sock"
     redis_factory("--unixsocket", str(path), "--unixsocketperm", "700")
-    client = RespClient(f"unix://{path}?db=0", 1.0)
+    client = PipelinedRedis(f"unix://{path}?db=0", 1.0)
     try:
         assert await client.execute("PING") == b"PONG"
     finally:

@@ -1,0 +1,156 @@
+"""The state of one /v1 request, shared by the handler, the request-body stream and the watcher
+that notices when the client goes away.
+
+A client that leaves, before or after the first upstream byte, cancels the request's task at
+once (the watcher waits for `http.disconnect`), so the upstream request is closed, its pool slot
+freed, and the provider stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from time import perf_counter
+from typing import Any
+
+from edge import errors
+from edge.errors import Headers
+from edge.limiter import Decision, rate_limit_headers
+from edge.metrics import NO_PLAN
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
+
+
+class BodyTooLarge(Exception):
+    """The request body crossed `server.max_body_bytes` while streaming up."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its body was streaming up."""
+
+
+class Exchange:
+    __slots__ = (
+        "client_gone",
+        "decision",
+        "finished",
+        "outcome",
+        "plan",
+        "rate_headers",
+        "receive",
+        "scope",
+        "send",
+        "start",
+        "started",
+        "task",
+        "timer",
+        "too_large",
+        "watcher",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.start = perf_counter()
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.plan = NO_PLAN  # the metrics label
+        self.outcome: str | None = None  # edge_requests_total's outcome, counted at the end
+        self.decision: Decision | None = None
+        self.rate_headers: Headers = []
+        self.started = False  # response headers sent
+        self.finished = False
+        self.client_gone = False
+        self.too_large = False
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    def admitted(self, decision: Decision, plan: str) -> None:
+        self.decision, self.plan, self.outcome = decision, plan, "allowed"
+        self.rate_headers = rate_limit_headers(decision)
+
+    async def fail(self, err: errors.EdgeError, outcome: str, extra: Headers | None = None) -> None:
+        """Answer with `err` (plus this request's rate-limit headers) and record the outcome."""
+        self.outcome = outcome
+        headers = self.rate_headers + extra if extra else self.rate_headers
+        await errors.send_error(self.send, err, headers)
+
+    async def start_response(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, chunk: bytes, more: bool) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def request_body(self, max_body: int) -> bytes | AsyncIterator[bytes] | None:
+        """The body to send upstream: bytes when it came in one message, else a stream that
+        enforces `max_body`; None when there is none. Raises ClientGone or BodyTooLarge."""
+        first = await self.receive()
+        if first["type"] == "http.disconnect":
+            self.client_gone = True
+            raise ClientGone
+        body: bytes = first.get("body", b"")
+        if len(body) > max_body:
+            self.too_large = True
+            raise BodyTooLarge
+        if first.get("more_body", False):
+            return self._upload(body, max_body)
+        self.watch()
+        return body if body or self.method not in BODYLESS else None
+
+    async def _upload(self, first: bytes, max_body: int) -> AsyncIterator[bytes]:
+        total = len(first)
+        if first:
+            yield first
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self.client_gone = True
+                raise ClientGone
+            chunk: bytes = msg.get("body", b"")
+            total += len(chunk)
+            if total > max_body:
+                self.too_large = True
+                raise BodyTooLarge
+            if chunk:
+                yield chunk
+            if not msg.get("more_body", False):
+                break
+        self.watch()
+
+    def watch(self) -> None:
+        """Start waiting for the client to go away; called once the body is fully read.
+
+        A request that is over within `WATCH_AFTER` seconds never pays for the watcher task;
+        a client that leaves sooner is noticed when the timer fires.
+        """
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watch)
+
+    def _start_watch(self) -> None:
+        self.timer = None
+        if not self.finished:
+            self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.finished and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        """The response is complete (or abandoned): stop watching the client."""
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()

@@ -1,0 +1,185 @@
+"""What may cross edge, in each direction: the request target, request headers and response
+headers. Pure functions over bytes, no I/O; `proxy.py` applies them.
+
+One representation of the target: the raw path as the client sent it. It must itself start
+with `/v1/` (the router checks that), and the upstream URL is that same raw path, minus `/v1`,
+appended to the configured base — so what was checked is byte for byte what is forwarded, and
+no percent-encoding can move the request outside the base.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+from urllib.parse import unquote_to_bytes
+
+from edge import errors
+from edge.errors import Headers
+from edge.keys import KID_LEN
+from edge.settings import UpstreamSettings
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Besides hop-by-hop: the client's credentials (in any header a client might put them), the
+# OpenAI organisation and project (the operator's to choose: `upstream.organization`,
+# `upstream.project`), and framing aiohttp sets itself for the upstream connection.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"content-length",
+    b"expect",
+    b"api-key",
+    b"x-api-key",
+    b"openai-organization",
+    b"openai-project",
+}
+# Besides hop-by-hop: uvicorn writes its own Date; edge's rate-limit headers replace the
+# provider's (which describe the operator's account, not the client's key), and the provider's
+# organisation and project ids are the operator's business.
+RESPONSE_DROP = HOP_BY_HOP | {
+    b"date",
+    b"ratelimit",
+    b"ratelimit-policy",
+    b"openai-organization",
+    b"openai-project",
+}
+API_PREFIX = b"/v1/"
+
+
+class Inbound(NamedTuple):
+    """What the upstream request needs from the client's headers."""
+
+    headers: list[tuple[str, str]]  # to forward: no hop-by-hop, no client credentials
+    auth: bytes | None  # the one Authorization value; None when absent or repeated
+    length: bytes | None  # Content-Length as sent
+
+
+def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
+    """One pass over the client's headers (names already lower-cased by the server)."""
+    headers: list[tuple[str, str]] = []
+    auth: list[bytes] = []
+    length: bytes | None = None
+    listed: bytes | None = None
+    for name, value in raw:
+        if name in REQUEST_DROP:
+            if name == b"authorization":
+                auth.append(value)
+            elif name == b"content-length":
+                length = value
+            elif name == b"connection":
+                listed = value if listed is None else listed + b"," + value
+            continue
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    if listed is not None:
+        drop = {t.strip().lower().decode("latin-1") for t in listed.split(b",")}
+        headers = [(n, v) for n, v in headers if n not in drop]
+    return Inbound(headers, auth[0] if len(auth) == 1 else None, length)
+
+
+def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> Headers:
+    """The upstream's response headers minus hop-by-hop ones (RFC 9110 §7.6.1) and those edge
+    replaces; names lower-cased, values untouched."""
+    out: Headers = []
+    listed: set[bytes] | None = None
+    for name, value in raw:
+        lname = name.lower()
+        if lname in RESPONSE_DROP or lname.startswith(b"x-ratelimit-"):
+            if lname == b"connection":
+                listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
+            continue
+        out.append((lname, value))
+    if listed:
+        out = [(n, v) for n, v in out if n not in listed]
+    return out
+
+
+def unsafe_path(raw: bytes) -> bool:
+    """True for a path the upstream could resolve outside the API base: dot-segments, encoded
+    slashes or backslashes, control characters or non-ASCII bytes."""
+    if not raw.isascii():
+        return True
+    if b"." not in raw and b"%" not in raw and b"\\" not in raw:
+        return False
+    for segment in raw.split(b"/"):
+        decoded = unquote_to_bytes(segment)
+        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded:
+            return True
+        if any(c < 0x20 or c == 0x7F for c in decoded):
+            return True
+    return False
+
+
+def decoded(raw: bytes, rounds: int = 3) -> bytes:
+    """`raw` percent-decoded until it stops changing (at most `rounds` times), so a key hidden
+    behind one or more layers of encoding is still seen."""
+    for _ in range(rounds):
+        if b"%" not in raw:
+            break
+        raw = unquote_to_bytes(raw)
+    return raw
+
+
+class TargetPolicy:
+    """Checks a /v1 request's target and size before any I/O."""
+
+    def __init__(self, key_prefix: str, max_body: int) -> None:
+        # A key's prefix followed by at least its public id: a key, or most of one.
+        self._key = re.compile(re.escape(key_prefix.encode("ascii")) + b"[0-9A-Za-z]{%d}" % KID_LEN)
+        self.max_body = max_body
+
+    def check(self, raw_path: bytes, query: bytes, length: bytes | None) -> errors.EdgeError | None:
+        """The error to answer instead of forwarding, or None."""
+        if not raw_path.startswith(API_PREFIX):
+            return errors.NotFound()
+        if self._key.search(decoded(raw_path)) or self._key.search(decoded(query)):
+            return errors.BadRequest(
+                "API keys belong in the Authorization header, never in the URL. This request was "
+                "not forwarded; consider the key exposed and rotate it.",
+                code="api_key_in_url",
+            )
+        if unsafe_path(raw_path):
+            return errors.BadRequest("Invalid request path.", code="invalid_path")
+        if not query.isascii() or any(c < 0x21 or c == 0x7F for c in query):
+            return errors.BadRequest("Invalid query string.", code="invalid_query")
+        if length is not None:
+            if not length.isdigit() or len(length) > 18:
+                return errors.BadRequest("Invalid Content-Length.", code="invalid_content_length")
+            if int(length) > self.max_body:
+                return self.too_large()
+        return None
+
+    def too_large(self) -> errors.EdgeError:
+        return errors.PayloadTooLarge(
+            f"The request body is larger than this server's limit of {self.max_body} bytes."
+        )
+
+
+def upstream_url(base: str, raw_path: bytes, query: bytes) -> str:
+    """The provider URL for a checked target: `<base>/<rest>?<query>`, bytes as sent."""
+    rest = raw_path[len(API_PREFIX) - 1 :].decode("ascii")
+    return base + rest + ("?" + query.decode("ascii") if query else "")
+
+
+def provider_headers(upstream: UpstreamSettings) -> list[tuple[str, str]]:
+    """What edge adds to every upstream request: the provider key, and the operator's own
+    OpenAI organisation and project when set (clients' are dropped: REQUEST_DROP)."""
+    out: list[tuple[str, str]] = []
+    key = upstream.api_key.get_secret_value()
+    if key:
+        out.append(("Authorization", f"Bearer {key}"))
+    if upstream.organization:
+        out.append(("OpenAI-Organization", upstream.organization))
+    if upstream.project:
+        out.append(("OpenAI-Project", upstream.project))
+    return out

@@ -1,0 +1,35 @@
+"""The Redis client surfaces edge relies on, as Protocols, so its boundary is typed without
+depending on one client library: redis-py (standalone, cluster, fakeredis) and edge's own
+pipelined client (`hot_redis.py`) both satisfy them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+Arg = str | bytes | int | float
+"""One argument of a Redis command, as both clients encode it."""
+
+
+class ScriptClient(Protocol):
+    """What the request path needs: run a script by SHA or source, and answer a PING."""
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any: ...
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Arg) -> Any: ...
+
+    async def ping(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class StoreClient(ScriptClient, Protocol):
+    """What key management needs besides scripts: read a record, walk the key space."""
+
+    async def hgetall(self, name: str) -> dict[Any, Any]: ...
+
+    def scan_iter(
+        self, match: str | None = None, count: int | None = None
+    ) -> AsyncIterator[Any]: ...
+
+    async def script_load(self, script: str) -> Any: ...

@@ -1,0 +1,229 @@
+"""edge/policy.py: what may cross edge in each direction, decided without I/O.
+
+Covers the request target (one representation: the raw path, which must start with `/v1/`
+and is forwarded byte for byte; every percent-encoded spelling of the prefix is refused), keys
+in the URL (seen through percent-encoding), the headers dropped each way, and what edge adds
+upstream (provider key, the operator's OpenAI organisation and project).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from pydantic import SecretStr
+
+from edge import errors
+from edge.keys import make_key, new_kid
+from edge.policy import (
+    TargetPolicy,
+    decoded,
+    inbound_headers,
+    provider_headers,
+    response_headers,
+    unsafe_path,
+    upstream_url,
+)
+from edge.settings import UpstreamSettings
+
+POLICY = TargetPolicy("gw_sk_", max_body=1000)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/../admin",
+        b"/v1/./models",
+        b"/v1/%2e%2e/admin",
+        b"/v1/%2E%2E/admin",
+        b"/v1/a%2F..%2Fb",
+        b"/v1/a%5c..",
+        b"/v1/a\\b",
+        b"/v1/a%00b",
+        b"/v1/caf\xc3\xa9",
+    ],
+)
+def test_unsafe_paths(path: bytes) -> None:
+    assert unsafe_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/chat/completions",
+        b"/v1/models/gpt-4.1-mini",
+        b"/v1/files/file-abc.jsonl/content",
+        b"/v1/a%20b",
+        b"/v1/...",
+    ],
+)
+def test_safe_paths(path: bytes) -> None:
+    assert not unsafe_path(path)
+
+
+def test_response_headers_drop_hop_by_hop_and_replaced_ones() -> None:
+    raw = (
+        (b"Content-Type", b"text/event-stream"),
+        (b"Connection", b"keep-alive, X-Up"),
+        (b"X-Up", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT"),
+        (b"x-ratelimit-limit-requests", b"10000"),
+        (b"x-ratelimit-remaining-tokens", b"5"),
+        (b"openai-organization", b"org-operator"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"x-request-id", b"req_1"),
+    )
+    assert response_headers(raw) == [
+        (b"content-type", b"text/event-stream"),
+        (b"content-encoding", b"gzip"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+        (b"x-request-id", b"req_1"),
+    ]
+
+
+def test_inbound_headers_drop_hop_by_hop_credentials_and_framing() -> None:
+    raw = [
+        (b"host", b"edge"),
+        (b"authorization", b"Bearer gw_sk_x"),
+        (b"connection", b"keep-alive, X-Secret"),
+        (b"x-secret", b"1"),
+        (b"keep-alive", b"5"),
+        (b"te", b"trailers"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"api-key", b"gw_sk_x"),
+        (b"x-api-key", b"gw_sk_x"),
+        (b"expect", b"100-continue"),
+        (b"content-length", b"12"),
+        (b"content-type", b"application/json"),
+        (b"accept-encoding", b"gzip"),
+        (b"user-agent", b"OpenAI/Python 1.0 \xe9"),
+    ]
+    inbound = inbound_headers(raw)
+    assert inbound.headers == [
+        ("content-type", "application/json"),
+        ("accept-encoding", "gzip"),
+        ("user-agent", "OpenAI/Python 1.0 \xe9"),
+    ]
+    assert inbound.auth == b"Bearer gw_sk_x"
+    assert inbound.length == b"12"
+
+
+def test_repeated_authorization_counts_as_none() -> None:
+    raw = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a")]
+    assert inbound_headers(raw).auth is None
+    assert inbound_headers([]).auth is None
+
+
+def test_inbound_headers_drop_the_clients_openai_organization_and_project() -> None:
+    raw = [
+        (b"openai-organization", b"org-chosen-by-client"),
+        (b"openai-project", b"proj-chosen-by-client"),
+        (b"openai-beta", b"assistants=v2"),
+    ]
+    assert inbound_headers(raw).headers == [("openai-beta", "assistants=v2")]
+
+
+def test_provider_headers_carry_the_operators_key_organization_and_project() -> None:
+    upstream = UpstreamSettings(
+        api_key=SecretStr("sk-op"), organization="org-op", project="proj-op"
+    )
+    assert provider_headers(upstream) == [
+        ("Authorization", "Bearer sk-op"),
+        ("OpenAI-Organization", "org-op"),
+        ("OpenAI-Project", "proj-op"),
+    ]
+    assert provider_headers(UpstreamSettings()) == []
+
+
+def _encodings(text: str) -> set[str]:
+    """Every spelling of `text` with any subset of its characters percent-encoded, in upper
+    and lower case hex."""
+    options = [
+        {c, f"%{ord(c):02X}", f"%{ord(c):02x}"} if c != "/" else {c, "%2F", "%2f"} for c in text
+    ]
+    return {"".join(p) for p in itertools.product(*options)}
+
+
+@pytest.mark.parametrize("prefix", sorted(_encodings("/v1/") - {"/v1/"}))
+def test_every_encoded_spelling_of_the_prefix_is_refused(prefix: str) -> None:
+    """`/%761/models` must never reach the upstream as `/v161/models` (or another port)."""
+    raw = (prefix + "models").encode()
+    err = POLICY.check(raw, b"", None)
+    assert isinstance(err, errors.NotFound)
+
+
+@pytest.mark.parametrize("raw", [b"/v1", b"//v1/models", b"/V1/models", b"/v1%2Fmodels", b""])
+def test_paths_outside_the_prefix_are_refused(raw: bytes) -> None:
+    assert isinstance(POLICY.check(raw, b"", None), errors.NotFound)
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:9", "http://up.example/v1", "https://h/a/b"])
+def test_upstream_url_is_the_checked_raw_path_under_the_base(base: str) -> None:
+    raw = b"/v1/chat/completions"
+    assert POLICY.check(raw, b"a=1", None) is None
+    assert upstream_url(base, raw, b"a=1") == base + "/chat/completions?a=1"
+    assert upstream_url(base, b"/v1/", b"") == base + "/"
+    # the forwarded path always starts with '/': it can never extend the host or port
+    assert upstream_url(base, b"/v1/%31:99/x", b"")[len(base)] == "/"
+
+
+KEY = make_key("gw_sk_", new_kid())
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        (f"/v1/{KEY}/models", ""),
+        ("/v1/models", f"api_key={KEY}"),
+        ("/v1/models", f"api_key={KEY.replace('_', '%5F')}"),
+        ("/v1/models", f"api_key={KEY.replace('_', '%5f')}"),
+        (f"/v1/x/{KEY.replace('gw', '%67%77')}", ""),
+        ("/v1/models", f"k={KEY.replace('_', '%255F')}"),  # encoded twice
+        ("/v1/models", f"k={KEY[: 6 + 12]}"),  # the prefix and the public id are enough
+    ],
+)
+def test_a_key_in_the_url_is_refused_through_encoding(path: str, query: str) -> None:
+    err = POLICY.check(path.encode(), query.encode(), None)
+    assert isinstance(err, errors.BadRequest) and err.code == "api_key_in_url"
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models/gw_sk_turbo", "/v1/files/gw_sk_", "/v1/models/gw%5Fsk%5Fmini"]
+)
+def test_the_prefix_alone_is_not_a_key(path: str) -> None:
+    assert POLICY.check(path.encode(), b"", None) is None
+
+
+def test_decoded_stops_after_a_few_rounds() -> None:
+    assert decoded(b"%2541") == b"A"
+    assert decoded(b"a%20b") == b"a b"
+    assert decoded(b"%25252541", rounds=3) == b"%41"
+
+
+@pytest.mark.parametrize(
+    ("length", "code"),
+    [
+        (b"abc", "invalid_content_length"),
+        (b"-1", "invalid_content_length"),
+        (b"9" * 30, "invalid_content_length"),
+        (b"1001", "request_too_large"),
+    ],
+)
+def test_content_length_checks(length: bytes, code: str) -> None:
+    err = POLICY.check(b"/v1/x", b"", length)
+    assert err is not None and err.code == code
+    assert POLICY.check(b"/v1/x", b"", b"1000") is None
+
+
+@pytest.mark.parametrize("query", [b"a=\xc3\xa9", b"a=b c", b"a=\x7f"])
+def test_bad_query_bytes_are_refused(query: bytes) -> None:
+    err = POLICY.check(b"/v1/x", query, None)
+    assert err is not None and err.code == "invalid_query"
