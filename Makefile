@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/edge serve
 
-## test: install, make sure redis-server exists, run the whole suite
+## test: install, make sure redis-server and openssl exist, run the whole suite
 test: $(STAMP)
-	bash scripts/ensure-redis.sh
+	bash scripts/ensure-packages.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## check: lint, format check, strict typing of the package

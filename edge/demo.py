@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 log = logging.getLogger("edge.demo")
 
@@ -47,26 +47,26 @@ def _error(message: str, status: int, code: str, param: str | None = None) -> we
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI's many optional fields are ignored
-    model: str = MODEL
+    model: StrictStr = MODEL
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[Any] | None = None
+    role: StrictStr
+    content: StrictStr | list[Any] | None = None
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[Any] = ""
+    prompt: StrictStr | list[Any] = ""
 
 
 class EmbeddingRequest(_Request):
-    input: str | list[Any]
+    input: StrictStr | list[Any]
 
 
 Body = TypeVar("Body", bound=_Request)
@@ -89,9 +89,24 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param(first["loc"], data, first["type"] == "missing")
         message = f"Invalid value for '{param}': {first['msg']}." if param else first["msg"]
         raise BadBody(_error(message, 400, "invalid_value", param)) from None
+
+
+def _param(loc: tuple[int | str, ...], data: Any, missing: bool) -> str | None:
+    """The JSON path of a validation error, without pydantic's union-member tags."""
+    path: list[str] = []
+    for part in loc:
+        if isinstance(data, dict) and isinstance(part, str) and (part in data or missing):
+            path.append(part)
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int):
+            path.append(str(part))
+            data = data[part] if part < len(data) else None
+        else:
+            break  # a union member's tag, not a place in the body
+    return ".".join(path) or None
 
 
 def _reply_text(body: ChatRequest) -> str:

@@ -80,8 +80,8 @@ def spawn_edge(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
     """Start extra edge processes with their own environment; all stopped after the test."""
     procs: list[EdgeProcess] = []
 
-    def spawn(env: dict[str, str], name: str = "edge") -> EdgeProcess:
-        proc = EdgeProcess(tmp_path, env, name)
+    def spawn(env: dict[str, str], name: str = "edge", args: tuple[str, ...] = ()) -> EdgeProcess:
+        proc = EdgeProcess(tmp_path, env, name, args)
         procs.append(proc)
         return proc.start()
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -25,47 +22,12 @@ from tests.support.edge_process import PROVIDER_KEY, EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import secret_part
 from tests.support.monitor import CommandCounter
+from tests.support.raw_http import RawResponse, raw_get
 from tests.support.redis_server import RedisServer
 
 PREFIX = "gw_sk_"
 FMT = keys.KeyFormat(PREFIX)
 MakeKey = Callable[..., tuple[str, KeyRecord]]
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[bytes, bytes]
-    body: bytes
-    raw: bytes
-
-
-def raw_get(port: int, header_lines: list[bytes], path: bytes = b"/v1/models") -> RawResponse:
-    """One HTTP/1.1 request written byte for byte; the whole response read until edge closes."""
-    request = (
-        b"GET "
-        + path
-        + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
-        + b"".join(line + b"\r\n" for line in header_lines)
-        + b"Connection: close\r\n\r\n"
-    )
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 10
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        while time.monotonic() < deadline:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.split(b"\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    return RawResponse(int(status_line.split(b" ")[1]), headers, body, raw)
 
 
 def with_checksum(body: str) -> str:
@@ -120,11 +82,11 @@ CASE_NAMES = list(malformed_cases(keys.make_key(PREFIX, keys.new_kid())))
 
 def assert_invalid_api_key(resp: RawResponse | httpx.Response) -> None:
     if isinstance(resp, RawResponse):
-        status, ctype, body = resp.status, resp.headers.get(b"content-type"), resp.body
+        status, ctype, body = resp.status, resp.header("content-type"), resp.body
     else:
-        status, ctype, body = resp.status_code, resp.headers["content-type"].encode(), resp.content
+        status, ctype, body = resp.status_code, resp.headers["content-type"], resp.content
     assert status == 401, body
-    assert ctype == b"application/json"
+    assert ctype == "application/json"
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"

@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 
 import httpx
 
 from tests.support.edge_process import EdgeProcess, edge_env
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.raw_http import send_in_pieces
 from tests.support.redis_server import RedisServer
-
-
-def _send_slowly(port: int, head: bytes, pieces: list[bytes], gap: float) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head)
-        for piece in pieces:
-            time.sleep(gap)
-            sock.sendall(piece)
-        received = b""
-        while b"\r\n\r\n" not in received or not received.endswith((b"}", b"0\r\n\r\n")):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
 
 
 def test_chunked_upload_in_many_writes_is_streamed_byte_exact(
@@ -41,7 +26,7 @@ def test_chunked_upload_in_many_writes_is_streamed_byte_exact(
         f"Authorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
-    answer = _send_slowly(edge.port, head, pieces, 0.01)
+    answer = send_in_pieces(edge.port, head, pieces, 0.01)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     [rec] = upstream.records
     assert rec.body_length == len(body)
@@ -59,7 +44,7 @@ def test_content_length_upload_keeps_its_length(
         f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     pieces = [body[i : i + 128 * 1024] for i in range(0, len(body), 128 * 1024)]
-    answer = _send_slowly(edge.port, head, pieces, 0.005)
+    answer = send_in_pieces(edge.port, head, pieces, 0.005)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     [rec] = upstream.records
     assert rec.header("content-length") == str(len(body))
@@ -90,7 +75,7 @@ def test_body_over_the_limit_is_413_before_the_upstream(
     piece = os.urandom(30_000)
     pieces = [b"%x\r\n%s\r\n" % (len(piece), piece)] * 5 + [b"0\r\n\r\n"]
     try:
-        answer = _send_slowly(proc.port, head, pieces, 0.02)
+        answer = send_in_pieces(proc.port, head, pieces, 0.02)
     except (BrokenPipeError, ConnectionResetError):
         answer = b""
     if answer:

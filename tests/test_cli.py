@@ -15,8 +15,11 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
+import redis
 
 from edge import keys
+from edge.keys import record_key
 from tests.support.edge_process import EdgeProcess, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.ports import free_port
@@ -136,6 +139,69 @@ def test_bad_config_value_fails_cleanly(redis_server: RedisServer) -> None:
         done = run_cli(*args, redis_url=redis_server.url, EDGE_SERVER_PORT="abc")
         assert_clean_failure(done, 2, "configuration error")
         assert "EDGE_SERVER_PORT" in done.stderr or "server.port" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "text"),
+    [
+        (("serve", "--port", "70000"), {}, "server.port (--port)"),
+        (("serve", "--port", "0"), {}, "server.port (--port)"),
+        (("serve", "--port", "8x"), {}, "--port: invalid int value"),
+        (("serve",), {"EDGE_REDIS_URL": "redis://127.0.0.1:99999/0"}, "redis.url"),
+        (("serve",), {"EDGE_REDIS_URL": "rediss://h/0?ssl_ca_certs=/nope"}, "redis.url"),
+        (("serve",), {"EDGE_SERVER_KEEPALIVE_TIMEOUT": "0.2"}, "server.keepalive_timeout"),
+        (("serve", "--nope"), {}, "unrecognized arguments: --nope"),
+        (("keys", "list"), {"EDGE_REDIS_URL": "redis://h:x/0"}, "redis.url"),
+        (("keys", "create", "--plan", "free", "--expires-in", "1e17"), {}, "--expires-in"),
+        (("keys", "frobnicate"), {}, "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_never_a_traceback(
+    redis_server: RedisServer, args: tuple[str, ...], env: dict[str, str], text: str
+) -> None:
+    """Every bad value: exit 2, one `edge: …` line naming the setting or flag."""
+    done = run_cli(*args, redis_url=redis_server.url, **env)
+    assert_clean_failure(done, 2, text)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "create", "--plan", "free", "--expires-in", str(10**17)),
+        ("keys", "create", "--plan", "free", "--expires-in", "0"),
+        ("keys", "create", "--plan", "free", "--rpm", str(10**13)),
+    ],
+)
+def test_out_of_range_values_are_refused(redis_server: RedisServer, args: tuple[str, ...]) -> None:
+    done = run_cli(*args, redis_url=redis_server.url)
+    assert_clean_failure(done, 1, "must be")
+    assert done.stdout == ""
+
+
+def test_rotation_grace_is_bounded(redis_server: RedisServer) -> None:
+    kid = ok_json(redis_server, "keys", "create", "--plan", "free")["id"]
+    done = run_cli("keys", "rotate", kid, "--grace", str(10**15), redis_url=redis_server.url)
+    assert_clean_failure(done, 1, "grace must be")
+    year = 365 * 86_400
+    rotated = ok_json(redis_server, "keys", "rotate", kid, "--grace", str(50 * year))
+    assert rotated["previous_key_valid_until"] > rotated["rotated"] + 49 * year
+
+
+def test_show_reads_expiry_as_the_proxy_does(
+    edge: EdgeProcess, redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """A hand-edited expiry the proxy treats as expired shows as expired (0), never as none;
+    one past year 9999 prints as a number instead of crashing the table."""
+    created = ok_json(redis_server, "keys", "create", "--plan", "free")
+    kid, key = created["id"], created["key"]
+    r.hset(record_key(kid), "expires", "1e17")
+    assert ok_json(redis_server, "keys", "show", kid)["expires"] == 0
+    resp = httpx.get(f"{edge.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 401 and "expired" in resp.json()["error"]["message"]
+    r.hset(record_key(kid), "expires", str(10**12 - 1))
+    shown = run_cli("keys", "show", kid, redis_url=redis_server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert str(10**12 - 1) in shown.stdout
 
 
 def test_unreachable_redis_fails_cleanly() -> None:

@@ -19,7 +19,8 @@ from edge import connection, keys
 from edge.limiter import Code, decode, plan_args
 from edge.scripts import Script
 from edge.settings import load_settings
-from tests.support.edge_process import CONFIG, EdgeProcess, edge_env
+from tests.support.edge_process import CONFIG, PROVIDER_KEY, EdgeProcess, edge_env
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.redis_server import RedisServer
 
 PREFIX = "gw_sk_"
@@ -115,3 +116,21 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
         (Code.PAUSED, "free", 0, 0, 0, 0),
         (Code.REVOKED, "free", 0, 0, 0, 0),
     ]
+
+
+def test_embedded_with_a_real_upstream_prints_no_key_unless_asked(
+    spawn_edge: Callable[..., EdgeProcess], upstream: FakeUpstream
+) -> None:
+    """A key printed to a console or log collector would spend the operator's provider
+    account: with a real upstream, embedded mode creates none unless `--demo-key` asks."""
+    quiet = spawn_edge(edge_env("", upstream.url), name="embedded-real")
+    log = quiet.log()
+    assert "EMBEDDED REDIS" in log and "--demo-key" in log
+    assert DEMO_KEY.findall(log) == []
+    assert "DEMO UPSTREAM" not in log
+
+    asked = spawn_edge(edge_env("", upstream.url), name="embedded-asked", args=("--demo-key",))
+    [key] = set(DEMO_KEY.findall(asked.log()))
+    resp = httpx.get(f"{asked.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200
+    assert upstream.records[-1].header("authorization") == f"Bearer {PROVIDER_KEY}"

@@ -315,3 +315,44 @@ def test_one_redis_command_per_request(
 def make_key_string() -> str:
     """A well-formed key (valid checksum) that was never created."""
     return build_key("gw_sk_", new_kid())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"requests": "notanumber"},
+        {"requests": "9" * 30},
+        {"requests": "-1"},
+        {"last_used": "yesterday"},
+        {"prev_hash": "x", "prev_until": "later"},
+        {"rotated": "\r\nSet-Cookie: x=1"},
+    ],
+)
+def test_garbage_never_errors_after_a_charge(
+    edge: EdgeProcess, r: redis.Redis, make_key, fields: dict[str, str]
+) -> None:
+    """T05: admit.lua validates every field before its first write. An operator's garbage in
+    `requests` used to make every request 503 while the minute bucket was still charged."""
+    key, rec = make_key("free")
+    r.hset(record_key(rec.id), mapping=fields)
+    minute, _ = bucket_keys(rec.id)
+    assert statuses(edge.url, key, 3) == [200, 200, 200]
+    tokens = float(r.hget(minute, "tokens") or 0)
+    assert 16.9 < tokens <= 17.01  # exactly three charged (plus a hair of refill)
+    count = r.hget(record_key(rec.id), "requests")
+    if "requests" in fields:
+        assert count == b"3"  # reset from garbage to 1, then counted on
+
+
+def test_wrong_type_bucket_charges_nothing(edge: EdgeProcess, r: redis.Redis, make_key) -> None:
+    """A bucket key that is not a hash fails the script before any write: a 503, and the other
+    bucket untouched."""
+    key, rec = make_key("free")
+    minute, day = bucket_keys(rec.id)
+    r.set(day, "not a hash")
+    resp = httpx.get(f"{edge.url}/v1/models", headers=auth(key))
+    assert resp.status_code == 503
+    assert resp.json()["error"]["type"] == "service_unavailable"
+    assert r.exists(minute) == 0
+    r.delete(day)
+    assert statuses(edge.url, key, 1) == [200]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge.keys import record_key
+from edge.metrics import OUTCOMES
 from tests.support.edge_process import EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.metrics import scrape, value
+from tests.support.metrics import inflight_settles, scrape, value
+from tests.support.raw_http import close, open_request, request_head
 
 
 def test_contract_metrics(edge: EdgeProcess, upstream: FakeUpstream, make_key) -> None:
@@ -67,3 +73,44 @@ def test_control_plane_errors_are_json(edge: EdgeProcess) -> None:
             assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_every_request_gets_exactly_one_outcome(
+    edge: EdgeProcess, upstream: FakeUpstream, make_key
+) -> None:
+    """A client that leaves before sending its body was admitted and charged: it is counted
+    (as allowed), once; and the upstream never hears of it."""
+    key, _ = make_key("team")
+    before = scrape(edge.url)
+    head = request_head(edge.port, key, "POST /v1/chat/completions HTTP/1.1", "Content-Length: 100")
+    sock = open_request(edge.port, head + b'{"model":')
+    time.sleep(0.1)
+    close(sock, rst=True)
+    assert inflight_settles(edge.url)
+    after = scrape(edge.url)
+    counted = {
+        outcome: value(after, "edge_requests_total", plan="team", outcome=outcome)
+        - value(before, "edge_requests_total", plan="team", outcome=outcome)
+        for outcome in OUTCOMES
+    }
+    assert counted == {outcome: (1 if outcome == "allowed" else 0) for outcome in OUTCOMES}
+    assert upstream.records == []
+
+
+def test_a_missing_plan_is_logged_once_a_second_not_per_request(
+    edge: EdgeProcess, r: redis.Redis, make_key
+) -> None:
+    key, rec = make_key()
+    r.hset(record_key(rec.id), "plan", "platinum")
+    start = len(edge.log())
+    with httpx.Client(base_url=edge.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        for _ in range(20):
+            resp = client.get("/v1/models")
+            assert resp.status_code == 503
+            assert resp.json()["error"]["code"] == "config_error"
+    lines = [line for line in edge.log()[start:].splitlines() if "not configured" in line]
+    assert 1 <= len(lines) <= 2, lines
+    counted = value(
+        scrape(edge.url), "edge_requests_total", plan="unconfigured", outcome="unavailable"
+    )
+    assert counted >= 20

@@ -4,8 +4,8 @@ and a client that leaves takes its upstream request with it."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
-import struct
 import time
 
 import httpx
@@ -14,8 +14,16 @@ import pytest
 from edge import errors
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.metrics import scrape, value
+from tests.support.metrics import inflight_settles, scrape, value
 from tests.support.ports import free_port
+from tests.support.raw_http import (
+    close,
+    complete_chunked,
+    exchange,
+    open_request,
+    parse_response,
+    request_head,
+)
 from tests.support.redis_server import RedisServer
 
 
@@ -88,34 +96,14 @@ def test_stream_cut_midway_never_hangs(edge: EdgeProcess, upstream: FakeUpstream
     assert new_log.count("cut mid-way") == 1, new_log
     assert "Traceback" not in new_log
     assert "ASGI callable" not in new_log
-    assert _inflight_settles(edge)
+    assert inflight_settles(edge.url)
     cuts = value(scrape(edge.url), "edge_requests_total", plan="free", outcome="upstream_cut")
     assert cuts == cuts_before + 1
 
 
-def _inflight_settles(edge: EdgeProcess) -> bool:
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        if value(scrape(edge.url), "edge_inflight_requests") == 0:
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _raw_request(port: int, key: str, extra: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(
-        (
-            f"GET /v1/models HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer {key}\r\n{extra}\r\n"
-        ).encode()
-    )
-    return sock
-
-
-def _close(sock: socket.socket, rst: bool) -> None:
-    if rst:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+def _request(port: int, key: str, extra: str) -> socket.socket:
+    head = f"GET /v1/models HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer {key}\r\n{extra}\r\n"
+    return open_request(port, head.encode())
 
 
 @pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
@@ -126,16 +114,16 @@ def test_client_disconnect_mid_stream_cancels_upstream(
     key, _ = make_key("pro")
     for _ in range(3):
         upstream.clear()
-        sock = _raw_request(edge.port, key, "x-fake-chunks: 50\r\nx-fake-gap-ms: 100\r\n")
+        sock = _request(edge.port, key, "x-fake-chunks: 50\r\nx-fake-gap-ms: 100\r\n")
         received = b""
         while received.count(b"data: ") < 2:
             received += sock.recv(65536)
-        _close(sock, rst)
+        close(sock, rst)
         gone_at = time.monotonic()
         assert upstream.wait_for(lambda: upstream.records[0].client_gone is not None, 2)
         assert upstream.records[0].client_gone - gone_at < 1  # type: ignore[operator]
         assert not upstream.records[0].completed
-    assert _inflight_settles(edge)
+    assert inflight_settles(edge.url)
     start = time.perf_counter()
     assert httpx.get(f"{edge.url}/v1/models", headers=auth(key)).status_code == 200
     assert time.perf_counter() - start < 1
@@ -146,11 +134,40 @@ def test_client_disconnect_before_first_upstream_byte(
 ) -> None:
     """T20 (basics): leaving while the upstream has not answered yet also closes it."""
     key, _ = make_key()
-    sock = _raw_request(edge.port, key, "x-fake-header-delay-ms: 5000\r\n")
+    sock = _request(edge.port, key, "x-fake-header-delay-ms: 5000\r\n")
     assert upstream.wait_for(lambda: len(upstream.records) == 1, 2)
     time.sleep(0.5)
-    _close(sock, False)
+    close(sock)
     gone_at = time.monotonic()
     assert upstream.wait_for(lambda: upstream.records[0].client_gone is not None, 2)
     assert upstream.records[0].client_gone - gone_at < 1  # type: ignore[operator]
-    assert _inflight_settles(edge)
+    assert inflight_settles(edge.url)
+
+
+@pytest.mark.parametrize("end", ["close", "reset"])
+def test_unframed_body_cut_by_a_reset_is_not_passed_off_as_whole(
+    edge: EdgeProcess, upstream: FakeUpstream, make_key, end: str
+) -> None:
+    """A body without length framing ends when the upstream's connection does. A clean close
+    is a whole answer; a reset must end the client's response as an error (without its final
+    chunk), as a cut chunked stream does, and count as upstream_cut."""
+    key, _ = make_key()
+    before = value(scrape(edge.url), "edge_requests_total", plan="free", outcome="upstream_cut")
+    knobs = (f"x-fake-unframed: {end}", "x-fake-chunks: 4", "Connection: close")
+    head = request_head(edge.port, key, "GET /v1/models HTTP/1.1", *knobs)
+    data, closed = exchange(edge.port, head, limit=3)
+    answer = parse_response(data)
+    [record] = upstream.records
+    assert answer.status == 200
+    assert answer.header("transfer-encoding") == "chunked"
+    assert answer.body.count(b"data: ") == 4
+    assert hashlib.sha256(answer.body).hexdigest() == record.sent_sha256
+    cuts = value(scrape(edge.url), "edge_requests_total", plan="free", outcome="upstream_cut")
+    if end == "close":
+        assert complete_chunked(answer.raw)
+        assert cuts == before
+    else:
+        assert not complete_chunked(answer.raw), "a reset body was relayed as complete"
+        assert closed
+        assert cuts == before + 1
+    assert inflight_settles(edge.url)

@@ -19,7 +19,10 @@ PROVIDER_KEY = "sk-provider-test-0123456789abcdef"
 
 
 class EdgeProcess:
-    def __init__(self, log_dir: Path, env: dict[str, str], name: str = "edge") -> None:
+    def __init__(
+        self, log_dir: Path, env: dict[str, str], name: str = "edge", args: tuple[str, ...] = ()
+    ) -> None:
+        self.args = args
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.env = env
@@ -40,7 +43,7 @@ class EdgeProcess:
         env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "edge", "serve", "--port", str(self.port), *self.args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

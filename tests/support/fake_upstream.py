@@ -12,7 +12,11 @@ handlers: models, chat completions plain and streaming, embeddings). Knobs, as r
   x-fake-reset-after: K     after K events, reset the connection (RST)
   x-fake-reset-after-body   read the whole body, then reset without answering
   x-fake-gzip: 1            gzip the body and say `Content-Encoding: gzip`
+  x-fake-gzip: accepted     the same, but only if the request's Accept-Encoding allows gzip
   x-fake-header: Name: v    add a response header (repeatable)
+  x-fake-unframed: close|reset  answer with a body that has no length framing (no
+                            Content-Length, not chunked: it ends when the connection does),
+                            x-fake-chunks events 20 ms apart, then close cleanly or reset
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from edge import demo
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -139,19 +144,14 @@ class FakeUpstream:
         self.records.clear()
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return bool(predicate())
+        return wait_until(predicate, timeout, every=0.01)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         rec = Record(
             method=request.method,
             path=request.raw_path.split("?", 1)[0],
-            query=request.query_string,
+            query=request.raw_path.partition("?")[2],  # as sent, still percent-encoded
             raw_headers=list(request.raw_headers),
             body=body if len(body) <= 1024 * 1024 else b"",
             body_sha256=hashlib.sha256(body).hexdigest(),
@@ -177,6 +177,8 @@ class FakeUpstream:
         for line in h.getall("x-fake-header", []):
             name, _, value = line.partition(":")
             extra.append((name.strip(), value.strip()))
+        if "x-fake-unframed" in h:
+            return await self._unframed(request, rec, h["x-fake-unframed"] == "reset")
         if "x-fake-chunks" in h:
             return await self._stream(request, rec, extra)
         if "x-fake-status" in h:
@@ -197,7 +199,8 @@ class FakeUpstream:
                 extra,
                 payload,
             )
-        if h.get("x-fake-gzip"):
+        gzip_ok = "gzip" in h.get("accept-encoding", "")
+        if h.get("x-fake-gzip") == "1" or (h.get("x-fake-gzip") == "accepted" and gzip_ok):
             payload = gzip.compress(orjson.dumps({"object": "fake", "path": request.path}) * 50)
             resp = web.Response(body=payload, content_type="application/json")
             resp.headers["Content-Encoding"] = "gzip"
@@ -231,6 +234,30 @@ class FakeUpstream:
             return await demo.embeddings(request)
         payload = orjson.dumps({"object": "echo", "method": request.method, "path": path})
         return web.Response(body=payload, content_type="application/json")
+
+    async def _unframed(self, request: web.Request, rec: Record, reset: bool) -> web.Response:
+        """Written straight to the socket: aiohttp's server always frames its responses."""
+        transport = request.transport
+        assert transport is not None
+        count = int(request.headers.get("x-fake-chunks", "3"))
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        transport.write(b"Connection: close\r\n\r\n")
+        digest = hashlib.sha256()
+        for i in range(count):
+            await asyncio.sleep(0.02)
+            event = _sse_event(i)
+            digest.update(event)
+            rec.sent_bytes += len(event)
+            transport.write(event)
+        rec.sent_sha256 = digest.hexdigest()
+        await asyncio.sleep(0.05)  # let the bytes leave before an RST could discard them
+        rec.events.append("reset" if reset else "closed")
+        if reset:
+            _rst(request)
+        else:
+            rec.completed = True
+            transport.close()
+        raise ConnectionResetError  # the response is written; aiohttp must add nothing
 
     async def _stream(
         self, request: web.Request, rec: Record, extra: list[tuple[str, str]]

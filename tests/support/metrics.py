@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.waiting import wait_until
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -19,3 +21,8 @@ def scrape(base_url: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def inflight_settles(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether edge_inflight_requests comes back to 0 within `timeout` seconds."""
+    return wait_until(lambda: value(scrape(base_url), "edge_inflight_requests") == 0, timeout)

@@ -37,12 +37,11 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (run scripts/ensure-redis.sh)")
+            raise RuntimeError("redis-server is not installed (run scripts/ensure-packages.sh)")
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [
             binary,
-            "--port",
-            str(self.port),
+            *self.listen_args(),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -67,6 +66,10 @@ class RedisServer:
         client.ping()
         client.close()
         return self
+
+    def listen_args(self) -> list[str]:
+        """The listener options; a subclass may listen on a TLS port instead."""
+        return ["--port", str(self.port)]
 
     def client(self) -> redis.Redis:
         password = None
