@@ -84,13 +84,6 @@ class Exchange:
         headers = self.rate_headers + extra if extra else self.rate_headers
         await errors.send_error(self.send, err, headers)
 
-    async def start_response(self, status: int, headers: Headers) -> None:
-        self.started = True
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def body(self, chunk: bytes, more: bool) -> None:
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
-
     async def request_body(self, max_body: int) -> bytes | AsyncIterator[bytes] | None:
         """The body to send upstream: bytes when it came in one message, else a stream that
         enforces `max_body`; None when there is none. Raises ClientGone or BodyTooLarge."""

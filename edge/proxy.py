@@ -165,24 +165,27 @@ class Proxy:
         """Send the upstream's answer on, chunk by chunk; a cut upstream body ends the client's
         response without its final chunk (the connection closes), so a cut answer is never
         mistaken for a whole one."""
-        await ex.start_response(resp.status, response_headers(resp.raw_headers) + ex.rate_headers)
-        protocol = resp.connection.protocol if _unframed(resp) and resp.connection else None
+        send = ex.send
+        ex.started = True
+        headers = response_headers(resp.raw_headers) + ex.rate_headers
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        protocol = resp.connection.protocol if resp.connection is not None else None
         content = resp.content
         try:
             while chunk := await content.readany():
                 if content.at_eof():  # the last chunk: send it as the end of the body
-                    if _reset(protocol):
-                        await ex.body(chunk, True)
+                    if _reset(protocol, resp):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         break
                     ex.stop()
-                    await ex.body(chunk, False)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     resp.release()
                     return
-                await ex.body(chunk, True)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
-                if not _reset(protocol):
+                if not _reset(protocol, resp):
                     ex.stop()
-                    await ex.body(b"", False)
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                     resp.release()
                     return
             self._cut(ex, "the upstream reset the connection")
@@ -210,27 +213,24 @@ class Proxy:
             log.warning(msg + suffix, *args)
 
 
-def _unframed(resp: aiohttp.ClientResponse) -> bool:
-    """True when the body has no length framing (no Content-Length, not chunked) and so ends
-    only when the upstream closes the connection."""
-    if resp.method == "HEAD" or resp.status < 200 or resp.status in (204, 304):
-        return False
-    if resp.content_length is not None:
-        return False
-    return "chunked" not in resp.headers.get("Transfer-Encoding", "").lower()
+def _reset(protocol: ResponseHandler | None, resp: aiohttp.ClientResponse) -> bool:
+    """Whether a body that just ended was cut by a connection reset.
 
-
-def _reset(protocol: ResponseHandler | None) -> bool:
-    """Whether an unframed body's connection ended by a reset rather than a clean close.
-
-    aiohttp ends such a body normally either way; it does record why the connection was lost:
-    `ServerDisconnectedError` for a clean close, the OS error (e.g. ECONNRESET) otherwise.
-    tests/test_upstream_faults_e2e.py holds edge to this, so an aiohttp change shows up there.
+    Only a body without length framing (no Content-Length, not chunked) can end that way
+    unnoticed: it ends when the connection does, and aiohttp ends it normally either way. It
+    does record why the connection was lost: `ServerDisconnectedError` for a clean close, the
+    OS error (e.g. ECONNRESET) otherwise. tests/test_upstream_faults_e2e.py holds edge to
+    this, so an aiohttp change shows up there.
     """
     if protocol is None:
         return False
-    exc = protocol.exception()
-    return exc is not None and not isinstance(exc, aiohttp.ServerDisconnectedError)
+    exc = protocol.exception()  # None while the connection lives: the common, framed case
+    if exc is None or isinstance(exc, aiohttp.ServerDisconnectedError):
+        return False
+    return (
+        resp.content_length is None
+        and "chunked" not in resp.headers.get("Transfer-Encoding", "").lower()
+    )
 
 
 def _describe(exc: BaseException) -> str:
