@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,7 +30,7 @@ from pydantic import (
     field_validator,
 )
 
-from edge.urls import redact_url
+from edge.urls import check_upstream_url, redact_url
 
 DEFAULT_CONFIG = Path("config") / "edge.toml"
 PLAN_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -61,53 +62,55 @@ class ServerSettings(_Section):
     drain_timeout: Annotated[Seconds, Field(ge=1)] = 30.0
 
 
-class RedisSettings(_Section):
+def _redis_url(url: str) -> str:
+    if url:
+        from edge.connection import check_url  # lazy: imports redis
+
+        check_url(url)
+    return url
+
+
+def _upstream_url(url: str) -> str:
+    if url:
+        check_upstream_url(url)
+    return url
+
+
+def _header_value(value: str) -> str:
+    if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
+        raise ValueError("must be printable ASCII (it is sent as a header)")
+    return value
+
+
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+
+
+class _WithUrl(_Section):
+    """A section whose `url` may carry a password: its repr shows it redacted."""
+
     url: str = ""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" else value
+
+
+class RedisSettings(_WithUrl):
+    url: RedisUrl = ""
     timeout: Annotated[Seconds, Field(le=60)] = 0.25
     max_connections: Count = 256
 
-    @field_validator("url")
-    @classmethod
-    def _known_url(cls, url: str) -> str:
-        if url:
-            from edge.connection import check_url  # lazy: imports redis
 
-            check_url(url)
-        return url
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            yield name, redact_url(value) if name == "url" else value
-
-
-class UpstreamSettings(_Section):
-    url: str = ""
+class UpstreamSettings(_WithUrl):
+    url: UpstreamUrl = ""
     api_key: SecretStr = SecretStr("")
-    organization: str = ""  # the operator's own OpenAI-Organization; clients' are dropped
-    project: str = ""  # the operator's own OpenAI-Project; clients' are dropped
+    organization: HeaderValue = ""  # the operator's own OpenAI-Organization; clients' dropped
+    project: HeaderValue = ""  # the operator's own OpenAI-Project; clients' are dropped
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 600.0
     max_connections: Count = 1000
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if url:
-            from edge.urls import check_upstream_url
-
-            check_upstream_url(url)
-        return url
-
-    @field_validator("organization", "project")
-    @classmethod
-    def _header_value(cls, value: str) -> str:
-        if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
-            raise ValueError("must be printable ASCII (it is sent as a header)")
-        return value
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            yield name, redact_url(value) if name == "url" else value
 
 
 class KeysSettings(_Section):

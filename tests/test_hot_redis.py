@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import hiredis
 import pytest
 from redis import exceptions as rex
 
@@ -120,3 +121,53 @@ async def test_unix_socket(redis_factory, tmp_path: Path) -> None:
         assert await client.execute("PING") == b"PONG"
     finally:
         await client.aclose()
+
+
+class SlowRedis:
+    """A loopback server that answers every RESP command `+OK` (PING: `+PONG`) after `delay`
+    seconds: each step alone is within the deadline, together they are not."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            parser = hiredis.Reader()
+            try:
+                while data := await reader.read(4096):
+                    parser.feed(data)
+                    while (command := parser.gets()) is not False:
+                        await asyncio.sleep(self.delay)
+                        writer.write(b"+PONG\r\n" if command[0] == b"PING" else b"+OK\r\n")
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_one_deadline_covers_connect_handshake_and_reply() -> None:
+    """redis.timeout bounds the whole call: AUTH 0.15 s then the reply 0.15 s is a timeout at
+    0.2 s, not a success at 0.3 s (each step alone would fit)."""
+    async with SlowRedis(0.15) as port:
+        client = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/0", 0.2)
+        try:
+            start = time.perf_counter()
+            with pytest.raises(rex.TimeoutError):
+                await client.ping()
+            assert time.perf_counter() - start < 0.28
+        finally:
+            await client.aclose()
+        relaxed = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/0", 1.0)
+        try:
+            assert await relaxed.ping() == b"PONG"  # the same path works within its deadline
+        finally:
+            await relaxed.aclose()
