@@ -26,10 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 Headers = list[tuple[bytes, bytes]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -130,6 +132,8 @@ async def send_error(send: Send, err: EdgeError, extra: Headers | None = None) -
 
 def error_response(err: EdgeError, extra: Headers | None = None) -> Response:
     """`err` as a Starlette response (the control plane's handlers)."""
+    from starlette.responses import Response  # lazy: the CLI renders no responses
+
     body = err.body()
     response = Response(body, status_code=err.status)
     response.raw_headers = _headers(body, extra)
