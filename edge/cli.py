@@ -1,92 +1,35 @@
-"""The `edge` command: `serve`, `keys …` and `plans`.
+"""The `edge` command: `serve`, `keys …`, `plans` and `audit`.
 
-Errors go to stderr as one line with a non-zero exit (2: bad usage or configuration, 1: the
-operation failed), never a traceback. `--json` gives machine-readable output.
+Key commands build the same validated request models as the admin API (`key_specs`) and call
+the same store functions, audited with the actor `cli`. Errors go to stderr as one line with a
+non-zero exit (2: bad usage, configuration or value; 1: the operation failed), never a
+traceback. `--json` gives machine-readable output.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
-import orjson
+from pydantic import BaseModel, ValidationError
 
+from edge import cli_output as out
 from edge import connection
+from edge.cli_parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
+from edge.key_specs import KeyUpdate, NewKey, Rotation, explain
 from edge.scripts import RedisUnavailable, Scripts
 from edge.settings import ConfigError, Settings, load_settings
-from edge.store import KeyRecord, KeyStore, StoreError
+from edge.store import KeyStore, StoreError
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
 CLI_REDIS_TIMEOUT = 5.0
+ACTOR = "cli"
+Spec = TypeVar("Spec", bound=BaseModel)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with usage errors as one `edge: …` line like every other error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"edge: {message} (see '{self.prog} --help')\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = Parser(add_help=False)
-    common.add_argument("--config", help="config file (default: $EDGE_CONFIG or config/edge.toml)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-
-    parser = Parser(prog="edge", description="API-key edge proxy for OpenAI-compatible APIs")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    serve = sub.add_parser("serve", parents=[common], help="run the proxy")
-    serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
-    serve.add_argument(
-        "--demo-key",
-        action="store_true",
-        help="embedded Redis with a real upstream: create a demo key and print it",
-    )
-
-    sub.add_parser("plans", parents=[common], help="list the configured plans")
-
-    keys = sub.add_parser("keys", help="manage API keys (needs EDGE_REDIS_URL)")
-    ksub = keys.add_subparsers(dest="action", required=True, parser_class=Parser)
-    create = ksub.add_parser("create", parents=[common], help="create a key; prints it once")
-    create.add_argument("--plan", required=True)
-    create.add_argument("--name", default="")
-    create.add_argument("--owner", default="")
-    create.add_argument("--rpm", type=int, help="override the plan's requests per minute")
-    create.add_argument("--rpd", type=int, help="override the plan's requests per day")
-    create.add_argument("--expires-in", type=int, metavar="SECONDS", help="expire after this long")
-    listing = ksub.add_parser(
-        "list", parents=[common], help="list keys (never the keys themselves)"
-    )
-    listing.add_argument("--owner")
-    for action in ("show", "pause", "resume", "revoke"):
-        ksub.add_parser(action, parents=[common], help=f"{action} a key").add_argument("id")
-    rotate = ksub.add_parser("rotate", parents=[common], help="new secret, same id; prints it once")
-    rotate.add_argument("id")
-    rotate.add_argument(
-        "--grace",
-        type=int,
-        default=0,
-        metavar="SECONDS",
-        help="keep the old key valid this long (default 0: it dies now)",
-    )
-    limits = ksub.add_parser("set-limits", parents=[common], help="per-key rpm/rpd overrides")
-    limits.add_argument("id")
-    limits.add_argument("--rpm", type=_limit, help="requests per minute, or 'plan' to clear")
-    limits.add_argument("--rpd", type=_limit, help="requests per day, or 'plan' to clear")
-    return parser
-
-
-def _limit(text: str) -> int:
-    if text == "plan":
-        return -1
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError("a whole number >= 0, or 'plan'")
-    return int(text)
+class BadValue(Exception):
+    """A flag's value failed validation; the message names the field."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,9 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "plans":
             return _plans(settings, args.json)
-        return asyncio.run(_keys(settings, args))
+        return asyncio.run(_with_store(settings, args))
     except ConfigError as exc:
-        return _fail(f"configuration error: {exc}", EXIT_USAGE)
+        return out.fail(f"configuration error: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
 
@@ -116,17 +59,18 @@ def _serve(args: argparse.Namespace) -> int:
 def _plans(settings: Settings, as_json: bool) -> int:
     rows = [{"plan": n, "rpm": p.rpm, "rpd": p.rpd} for n, p in settings.plans.items()]
     if as_json:
-        _print_json(rows)
+        out.print_json(rows)
     else:
-        _table(rows, ["plan", "rpm", "rpd"])
+        out.table(rows, ["plan", "rpm", "rpd"])
     return 0
 
 
-async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
     if settings.embedded_redis:
-        return _fail(
-            "edge keys needs a Redis server: set EDGE_REDIS_URL (e.g. redis://127.0.0.1:6379/0). "
-            "The embedded Redis lives inside 'edge serve', which prints a demo key at start-up.",
+        return out.fail(
+            f"edge {args.command} needs a Redis server: set EDGE_REDIS_URL (e.g. "
+            "redis://127.0.0.1:6379/0). The embedded Redis lives inside 'edge serve', which "
+            "prints a demo key at start-up.",
             EXIT_USAGE,
         )
     redis_settings = settings.redis.model_copy(
@@ -135,95 +79,106 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     client = connection.connect(redis_settings)
     store = KeyStore(client, Scripts(), settings)
     try:
-        return await _run_key_action(store, args)
+        if args.command == "audit":
+            return await _audit(store, args)
+        return await _key_action(store, args)
+    except BadValue as exc:
+        return out.fail(str(exc), EXIT_USAGE)
     except StoreError as exc:
-        return _fail(str(exc), EXIT_FAILED)
+        return out.fail(str(exc), EXIT_FAILED)
     except RedisUnavailable as exc:
-        return _fail(f"Redis unavailable ({exc.kind}): {exc.detail}", EXIT_FAILED)
+        return out.fail(f"Redis unavailable ({exc.kind}): {exc.detail}", EXIT_FAILED)
     except OSError as exc:
-        return _fail(f"Redis unavailable: {exc}", EXIT_FAILED)
+        return out.fail(f"Redis unavailable: {exc}", EXIT_FAILED)
     finally:
         await client.aclose()
 
 
-async def _run_key_action(store: KeyStore, args: argparse.Namespace) -> int:
+def _spec(model: type[Spec], store: KeyStore, fields: dict[str, Any]) -> Spec:
+    try:
+        return model.model_validate(fields, context=store.plans)
+    except ValidationError as exc:
+        raise BadValue(explain(exc)[0]) from None
+
+
+def _scopes(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    if not (args.scope_route or args.scope_model):
+        return None
+    return {"routes": args.scope_route or [], "models": args.scope_model or []}
+
+
+async def _key_action(store: KeyStore, args: argparse.Namespace) -> int:
     action: str = args.action
     if action == "create":
-        key, record = await store.create(
-            args.plan, args.name, args.owner, args.rpm, args.rpd, args.expires_in
-        )
-        return _show_with_key(key, record, args.json)
-    if action == "rotate":
-        key, record = await store.rotate(args.id, args.grace)
-        return _show_with_key(key, record, args.json)
-    if action == "list":
-        records = await store.list(args.owner)
+        fields = {
+            name: getattr(args, name)
+            for name in ("plan", "name", "owner", "rpm", "rpd", "expires_in", "credits")
+        }
+        fields |= {"expires_at": args.expires_at, "scopes": _scopes(args)}
+        spec = _spec(NewKey, store, {k: v for k, v in fields.items() if v is not None})
+        key, record = await store.create(spec, ACTOR)
+        out.record_with_key(key, record, args.json)
+    elif action == "rotate":
+        grace = _spec(Rotation, store, {"grace_seconds": args.grace}).grace_seconds
+        key, record = await store.rotate(args.id, grace, ACTOR)
+        out.record_with_key(key, record, args.json)
+    elif action == "list":
+        records = await store.all_keys(args.owner)
+        records = [r for r in records if args.status in (None, r.status)]
         if args.json:
-            _print_json([r.to_dict() for r in records])
+            out.print_json([r.to_dict() for r in records])
         else:
-            _table(
-                [_human(r) for r in records],
-                ["id", "name", "owner", "plan", "status", "rpm", "rpd", "requests", "last_used"],
-            )
-        return 0
-    simple: dict[str, Callable[[], Awaitable[KeyRecord]]] = {
-        "show": lambda: store.get(args.id),
-        "pause": lambda: store.set_status(args.id, "paused"),
-        "resume": lambda: store.set_status(args.id, "active"),
-        "revoke": lambda: store.set_status(args.id, "revoked"),
-        "set-limits": lambda: store.set_limits(args.id, args.rpm, args.rpd),
-    }
-    record = await simple[action]()
-    if args.json:
-        _print_json(record.to_dict())
+            out.table([out.human(r.to_dict()) for r in records], out.LIST_COLUMNS)
     else:
-        _details(_human(record))
+        out.record(await _change(store, args), args.json)
     return 0
 
 
-def _show_with_key(key: str, record: KeyRecord, as_json: bool) -> int:
-    if as_json:
-        _print_json({"key": key, **record.to_dict()})
-        return 0
-    _details(_human(record))
-    print(f"\nkey: {key}\nThis is the only time the key is shown. Store it now.")
+async def _change(store: KeyStore, args: argparse.Namespace) -> Any:
+    action: str = args.action
+    if action == "show":
+        return await store.get(args.id)
+    if action in ("pause", "resume", "revoke"):
+        status = {"pause": "paused", "resume": "active", "revoke": "revoked"}[action]
+        return await store.set_status(args.id, status, ACTOR)
+    if action == "set-limits":
+        limits = {n: getattr(args, n) for n in ("rpm", "rpd") if getattr(args, n) is not None}
+        if not limits:
+            raise BadValue("give --rpm and/or --rpd")
+        fields = {n: (None if v == PLAN else v) for n, v in limits.items()}
+        return await store.update(args.id, _spec(KeyUpdate, store, fields), ACTOR)
+    if action == "credits":
+        return await store.add_credits(args.id, args.add, ACTOR)
+    return await store.update(args.id, _spec(KeyUpdate, store, _update_fields(args)), ACTOR)
+
+
+def _update_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        n: getattr(args, n) for n in ("name", "owner", "plan") if getattr(args, n) is not None
+    }
+    if args.expires_at is not None:
+        fields["expires_at"] = None if args.expires_at == NEVER else args.expires_at
+    if args.credits is not None:
+        fields["credits"] = None if args.credits == UNLIMITED else args.credits
+    if args.no_scopes:
+        fields["scopes"] = None
+    elif scopes := _scopes(args):
+        fields["scopes"] = scopes
+    if not fields:
+        raise BadValue("nothing to change: give at least one of the update flags")
+    return fields
+
+
+async def _audit(store: KeyStore, args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 1000:
+        raise BadValue("--limit must be from 1 to 1000")
+    entries, _ = await store.audit.page(None, args.limit)
+    if args.json:
+        out.print_json(entries)
+    else:
+        columns = ["time", "action", "key", "owner", "actor", "changes"]
+        out.table([out.human(e) for e in entries], columns)
     return 0
 
 
-def _human(record: KeyRecord) -> dict[str, Any]:
-    row = record.to_dict()
-    for name in ("created", "expires", "last_used", "rotated", "previous_key_valid_until"):
-        if row[name] is not None:
-            row[name] = _timestamp(row[name])
-    return row
-
-
-def _timestamp(seconds: int) -> str:
-    """Unix seconds as UTC ISO 8601; a time past year 9999 (a hand-edited record) as a number."""
-    try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return str(seconds)
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _details(row: dict[str, Any]) -> None:
-    width = max(len(k) for k in row)
-    for name, value in row.items():
-        print(f"{name.ljust(width)}  {'' if value is None else value}")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"edge: {message}", file=sys.stderr)
-    return code
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "main"]

@@ -6,6 +6,7 @@ Every answer edge's own code gives is OpenAI's error shape, as JSON:
     EdgeError                      500 server_error / internal_error; the message is safe to show
     ├── BadRequest                 400 invalid_request_error
     ├── InvalidApiKey              401 invalid_request_error / invalid_api_key
+    ├── InsufficientBalance        402 insufficient_balance / insufficient_balance
     ├── PermissionDenied           403 permission_error / insufficient_permissions
     ├── NotFound, MethodNotAllowed 404 / 405 invalid_request_error
     ├── PayloadTooLarge            413 invalid_request_error / request_too_large
@@ -67,6 +68,11 @@ class InvalidApiKey(EdgeError):
         "Incorrect API key provided. Send the key exactly as it was issued to you, in the "
         "header 'Authorization: Bearer <key>'."
     )
+
+
+class InsufficientBalance(EdgeError):
+    status, type, code = 402, "insufficient_balance", "insufficient_balance"
+    message = "This API key has no credits left. Ask for a top-up to continue."
 
 
 class PermissionDenied(EdgeError):

@@ -38,6 +38,7 @@ class Exchange:
     __slots__ = (
         "client_gone",
         "decision",
+        "early_body",
         "finished",
         "outcome",
         "plan",
@@ -69,6 +70,7 @@ class Exchange:
         self.finished = False
         self.client_gone = False
         self.too_large = False
+        self.early_body: bytes | None = None  # read whole before admission (model scopes)
 
     @property
     def method(self) -> str:
@@ -84,9 +86,25 @@ class Exchange:
         headers = self.rate_headers + extra if extra else self.rate_headers
         await errors.send_error(self.send, err, headers)
 
+    async def read_body(self, max_body: int) -> bytes:
+        """The whole body, read now (at most `max_body` bytes) and kept for the upstream: only
+        for keys whose model scopes need the body's `model` before admission."""
+        if self.early_body is None:
+            parts = []
+            data = await self.request_body(max_body)
+            if isinstance(data, bytes):
+                parts.append(data)
+            elif data is not None:
+                parts += [chunk async for chunk in data]
+            self.early_body = b"".join(parts)
+        return self.early_body
+
     async def request_body(self, max_body: int) -> bytes | AsyncIterator[bytes] | None:
-        """The body to send upstream: bytes when it came in one message, else a stream that
-        enforces `max_body`; None when there is none. Raises ClientGone or BodyTooLarge."""
+        """The body to send upstream: bytes when it came in one message (or was read early),
+        else a stream that enforces `max_body`; None when there is none. Raises ClientGone or
+        BodyTooLarge."""
+        if self.early_body is not None:
+            return self.early_body if self.early_body or self.method not in BODYLESS else None
         first = await self.receive()
         if first["type"] == "http.disconnect":
             self.client_gone = True

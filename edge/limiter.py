@@ -17,7 +17,7 @@ from edge.errors import Headers
 from edge.keys import ParsedKey, bucket_keys, record_key
 from edge.metrics import Metrics
 from edge.redis_types import ScriptClient
-from edge.scripts import RedisUnavailable, Script
+from edge.scripts import RedisUnavailable, Scripts
 from edge.settings import Plan
 
 
@@ -32,6 +32,15 @@ class Code(IntEnum):
     MINUTE_EMPTY = 5
     DAY_EMPTY = 6
     PLAN_MISSING = 7
+    OUT_OF_SCOPE = 8
+    NO_CREDITS = 9
+    NEED_MODEL = 10
+    MODEL_UNREADABLE = 11
+
+
+UNLIMITED = -1
+MODEL_NOT_READ = ""
+MODEL_MISSING = "!"
 
 
 class Decision(NamedTuple):
@@ -44,6 +53,8 @@ class Decision(NamedTuple):
     day_remaining: int = 0
     day_reset_ms: int = 0
     retry_ms: int = 0
+    credits: int = UNLIMITED  # left after this request
+    model_scoped: bool = False  # the key has model scopes: its bodies must be read
 
 
 def decode(reply: Sequence[Any]) -> Decision:
@@ -52,7 +63,15 @@ def decode(reply: Sequence[Any]) -> Decision:
     if len(reply) == 1:
         return Decision(code, "")
     plan = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-    return Decision(code, plan, *(int(v) for v in reply[2:9]))
+    if len(reply) == 2:
+        return Decision(code, plan)
+    n = [int(v) for v in reply[2:11]]
+    return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], bool(n[8]))
+
+
+def model_state(model: str | None) -> str:
+    """admit.lua's ARGV[3] for a body that was read: its model, or that it has none."""
+    return MODEL_MISSING if model is None else "=" + model
 
 
 def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
@@ -65,27 +84,42 @@ def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
 
 class Limiter:
     def __init__(
-        self, client: ScriptClient, script: Script, plans: Mapping[str, Plan], metrics: Metrics
+        self,
+        client: ScriptClient,
+        scripts: Scripts,
+        plans: Mapping[str, Plan],
+        metrics: Metrics,
     ) -> None:
         self.client = client
-        self.script = script
+        self.script = scripts.admit
+        self._refund = scripts.refund
         self.plan_args = plan_args(plans)
         self.metrics = metrics
         self._noscript = metrics.redis_error["noscript"].inc
 
-    async def admit(self, key: ParsedKey) -> Decision:
+    async def admit(self, key: ParsedKey, route: str, model: str = MODEL_NOT_READ) -> Decision:
+        """One admission for `key` on `route` (the path after /v1/); `model` as `model_state`
+        gives it when the body was read, else MODEL_NOT_READ."""
         minute, day = bucket_keys(key.kid)
         try:
             reply = await self.script(
                 self.client,
                 (record_key(key.kid), minute, day),
-                (key.hash, *self.plan_args),
+                (key.hash, route, model, *self.plan_args),
                 self._noscript,
             )
         except RedisUnavailable as exc:
             self.metrics.redis_error[exc.kind].inc()
             raise
         return decode(reply)
+
+    async def refund(self, kid: str) -> None:
+        """Give back the credit of an admitted request the upstream never received."""
+        try:
+            await self._refund(self.client, (record_key(kid),), ())
+        except RedisUnavailable as exc:
+            self.metrics.redis_error[exc.kind].inc()
+            raise
 
 
 def go_duration(ms: int) -> bytes:
@@ -170,6 +204,22 @@ def rejection(d: Decision) -> Rejection:
             f"{limit}, Requested 1. Please try again in {wait}."
         )
         return Rejection(err, f"rate_limited_{window}", True, headers)
+    if code == Code.OUT_OF_SCOPE:
+        err = errors.PermissionDenied(
+            "This API key may not use this endpoint or model: you have insufficient "
+            "permissions for this operation."
+        )
+        return Rejection(err, "forbidden", True, [])
+    if code == Code.NO_CREDITS:
+        return Rejection(errors.InsufficientBalance(), "insufficient_balance", True, [])
+    if code in (Code.MODEL_UNREADABLE, Code.NEED_MODEL):
+        err = errors.BadRequest(
+            "This API key may use only some models, so the request body must be a JSON object "
+            'with a string "model" field.',
+            code="invalid_body",
+            param="model",
+        )
+        return Rejection(err, "bad_request", True, [])
     if code == Code.PAUSED:
         err = errors.PermissionDenied(
             "This API key is paused: you have insufficient permissions for this operation "

@@ -13,6 +13,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
+import orjson
+
 from edge import errors
 from edge.errors import Headers
 from edge.keys import KID_LEN
@@ -175,6 +177,19 @@ class TargetPolicy:
         return errors.PayloadTooLarge(
             f"The request body is larger than this server's limit of {self.max_body} bytes."
         )
+
+
+MAX_MODEL_CHARS = 256
+
+
+def body_model(body: bytes) -> str | None:
+    """The request body's top-level "model", if it is a JSON object with a usable one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_CHARS else None
 
 
 def upstream_url(base: str, raw_path: bytes, query: bytes) -> str:

@@ -23,12 +23,21 @@ from yarl import URL
 from edge import errors
 from edge.exchange import BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
 from edge.keys import ParsedKey, bearer_token
-from edge.limiter import Code, Decision, rejection
+from edge.limiter import (
+    MODEL_NOT_READ,
+    UNLIMITED,
+    Code,
+    Decision,
+    model_state,
+    rejection,
+)
 from edge.logs import Throttle
 from edge.metrics import NO_PLAN
 from edge.policy import (
+    API_PREFIX,
     Inbound,
     TargetPolicy,
+    body_model,
     inbound_headers,
     provider_headers,
     response_headers,
@@ -48,6 +57,28 @@ NO_KEY = (
     "'Authorization: Bearer <key>'."
 )
 STARTING = errors.ServiceUnavailable("The server is not ready yet: edge is starting up.")
+SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
+# Failures that prove the upstream never received the request: its credit is refunded.
+NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+class KidHints:
+    """A bounded set of key ids (kids) with a property worth remembering between requests."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._kids: dict[str, None] = {}
+
+    def __contains__(self, kid: str) -> bool:
+        return kid in self._kids
+
+    def note(self, kid: str, present: bool) -> None:
+        if not present:
+            self._kids.pop(kid, None)
+            return
+        if len(self._kids) >= self.size:
+            del self._kids[next(iter(self._kids))]  # the oldest
+        self._kids[kid] = None
 
 
 class Proxy:
@@ -56,6 +87,7 @@ class Proxy:
     def __init__(self) -> None:
         self.rt: Runtime | None = None
         self._throttle = Throttle()
+        self._model_scoped = KidHints()
 
     def bind(self, rt: Runtime) -> None:
         self.rt = rt
@@ -102,17 +134,44 @@ class Proxy:
             err = errors.InvalidApiKey(NO_KEY if missing else None)
             await ex.fail(err, "unauthorized")
             return
+        route = raw_path[len(API_PREFIX) :].decode("ascii")  # ASCII: checked by the policy
         try:
-            decision = await rt.limiter.admit(key)
+            decision = await self._admit(rt, ex, key, route)
         except RedisUnavailable as exc:
             self._log_throttled("redis", "Redis unavailable (%s): %s", exc.kind, exc.detail)
             await ex.fail(exc, "unavailable")
+            return
+        except ClientGone:
+            return  # left before admission: nothing charged, nothing to answer
+        except BodyTooLarge:
+            await ex.fail(self.policy.too_large(), "bad_request")
             return
         if decision.code != Code.ADMITTED:
             await self._reject(rt, ex, decision, key.kid)
             return
         ex.admitted(decision, rt.metrics.label(decision.plan))
-        await self._forward(rt, ex, upstream_url(self._base, raw_path, query), inbound)
+        await self._forward(rt, ex, upstream_url(self._base, raw_path, query), inbound, key.kid)
+
+    async def _admit(self, rt: Runtime, ex: Exchange, key: ParsedKey, route: str) -> Decision:
+        """One admit.lua call; two only the first time a key with model scopes is seen.
+
+        Only keys with model scopes have their body read before admission (to give the script
+        the `model`). Which keys those are, this instance learns from the script's replies and
+        remembers as a hint: a wrong hint costs a body parse or a second call, never a wrong
+        decision, since the scopes themselves are checked in Redis on every request.
+        """
+        hinted = key.kid in self._model_scoped
+        model = await self._model(ex) if hinted else MODEL_NOT_READ
+        decision = await rt.limiter.admit(key, route, model)
+        if decision.code == Code.NEED_MODEL:
+            decision = await rt.limiter.admit(key, route, await self._model(ex))
+        if decision.model_scoped != hinted and decision.code not in SHORT_REPLIES:
+            self._model_scoped.note(key.kid, decision.model_scoped)
+        return decision
+
+    async def _model(self, ex: Exchange) -> str:
+        """admit.lua's model argument from the whole body, read now and kept for the upstream."""
+        return model_state(body_model(await ex.read_body(self.policy.max_body)))
 
     @staticmethod
     def _key(rt: Runtime, inbound: Inbound) -> ParsedKey | None:
@@ -128,7 +187,9 @@ class Proxy:
             )
         await ex.fail(answer.error, answer.outcome, answer.headers)
 
-    async def _forward(self, rt: Runtime, ex: Exchange, url: str, inbound: Inbound) -> None:
+    async def _forward(
+        self, rt: Runtime, ex: Exchange, url: str, inbound: Inbound, kid: str
+    ) -> None:
         try:
             data = await ex.request_body(self.policy.max_body)
         except ClientGone:
@@ -147,6 +208,8 @@ class Proxy:
                 ex.method, URL(url, encoded=True), headers=headers, data=data, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, NEVER_SENT) and ex.decision and ex.decision.credits != UNLIMITED:
+                await self._refund(rt, kid)
             if ex.client_gone:
                 return
             if ex.too_large:
@@ -191,6 +254,13 @@ class Proxy:
             self._cut(ex, "the upstream reset the connection")
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._cut(ex, _describe(exc))
+
+    async def _refund(self, rt: Runtime, kid: str) -> None:
+        """The upstream never got the request: give its credit back (DESIGN §5)."""
+        try:
+            await rt.limiter.refund(kid)
+        except RedisUnavailable as exc:
+            self._log_throttled("refund", "could not refund a credit to key %s: %s", kid, exc.kind)
 
     def _cut(self, ex: Exchange, why: str) -> None:
         ex.stop()

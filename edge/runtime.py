@@ -96,7 +96,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             redis=redis,
             hot=hot,
             scripts=scripts,
-            limiter=Limiter(hot, scripts.admit, settings.plans, metrics),
+            limiter=Limiter(hot, scripts, settings.plans, metrics),
             metrics=metrics,
             session=session,
             upstream_base=upstream_base,

@@ -83,7 +83,7 @@ def redis_errors(what: str) -> Iterator[None]:
         raise RedisUnavailable(error_kind(exc), f"{what}: {type(exc).__name__}: {exc}") from None
 
 
-SCRIPT_NAMES = ("admit", "create", "rotate", "status", "update")
+SCRIPT_NAMES = ("admit", "create", "credits", "refund", "reserve", "rotate", "status", "update")
 
 
 class Scripts:
@@ -92,12 +92,15 @@ class Scripts:
     def __init__(self) -> None:
         self.admit = Script("admit")
         self.create = Script("create")
+        self.credits = Script("credits")
+        self.refund = Script("refund")
+        self.reserve = Script("reserve")
         self.rotate = Script("rotate")
         self.status = Script("status")
         self.update = Script("update")
 
     def all(self) -> list[Script]:
-        return [self.admit, self.create, self.rotate, self.status, self.update]
+        return [getattr(self, name) for name in SCRIPT_NAMES]
 
     async def load(self, client: StoreClient) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster)."""

@@ -18,6 +18,7 @@ import uvicorn
 from edge import logs
 from edge.app import create_app
 from edge.http_protocol import EdgeHttpToolsProtocol
+from edge.key_specs import NewKey
 from edge.runtime import Runtime
 from edge.settings import Settings
 from edge.store import KeyStore
@@ -38,7 +39,8 @@ async def announce(rt: Runtime, demo_key: bool = False) -> None:
         )
         if s.demo_upstream or demo_key:
             plan = next(iter(s.plans))
-            key, _ = await KeyStore(rt.redis, rt.scripts, s).create(plan, name="demo")
+            spec = NewKey(plan=plan, name="demo")
+            key, _ = await KeyStore(rt.redis, rt.scripts, s).create(spec, actor="demo")
             rt.demo_key = key
         else:
             log.warning(

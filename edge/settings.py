@@ -115,6 +115,19 @@ class UpstreamSettings(_WithUrl):
 
 class KeysSettings(_Section):
     prefix: Annotated[str, StringConstraints(pattern=PREFIX)] = "gw_sk_"
+    max_per_owner: Annotated[int, Field(ge=1, le=1_000_000)] = 20  # non-revoked keys per owner
+
+
+class AdminSettings(_Section):
+    token: SecretStr = SecretStr("")  # enables /admin/*; off when empty
+    audit_max: Annotated[int, Field(ge=100, le=10_000_000)] = 10_000  # audit entries kept
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr) -> SecretStr:
+        if token.get_secret_value() and len(token.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (or empty: admin API off)")
+        return token
 
 
 class LogSettings(_Section):
@@ -147,6 +160,7 @@ class Settings(_Section):
     redis: RedisSettings = RedisSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     keys: KeysSettings = KeysSettings()
+    admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     plans: Annotated[dict[PlanName, Plan], Field(min_length=1)] = Field(
         default_factory=default_plans
@@ -166,6 +180,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "redis": RedisSettings,
     "upstream": UpstreamSettings,
     "keys": KeysSettings,
+    "admin": AdminSettings,
     "log": LogSettings,
 }
 Overrides = Mapping[str, Mapping[str, Any]]

@@ -1,28 +1,30 @@
-"""Key lifecycle on Redis: create, show, list, pause, resume, revoke, rotate, set limits.
+"""Key lifecycle on Redis, the one code path behind the CLI and the admin API: create, show,
+list, update, pause, resume, revoke, rotate, credits; each change audited.
 
-Each write is one Lua script on the key's own slot, so it is atomic and works on a cluster.
-Records returned never contain the key or its hash; the plaintext key exists only in the value
-`create_key` and `rotate_key` return, once.
+Each write to a key is one Lua script on the key's own slot, so it is atomic and works on a
+cluster. Records returned never contain the key or its hash; the plaintext key exists only in
+the value `create` and `rotate` return, once. Inputs arrive as validated `key_specs` models.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
-from edge.keys import KID_LEN, RECORD_PATTERN, key_hash, kid_of, make_key, new_kid, record_key
+import orjson
+
+from edge import key_index
+from edge.audit import Audit
+from edge.key_specs import KeyUpdate, NewKey, Scopes, changed_fields
+from edge.keys import KID_LEN, key_hash, make_key, new_kid, record_key
+from edge.owners import STALE_SECONDS, Owners, keys_key
+from edge.records import KeyRecord, decode_record
 from edge.redis_types import StoreClient
 from edge.scripts import Scripts, redis_errors
 from edge.settings import Settings
 
 KID = re.compile(rf"^[0-9A-Za-z]{{{KID_LEN}}}$")
-WHOLE = re.compile(r"^\d{1,12}$")
-TEXT_LIMIT = 200
-STATUSES = ("active", "paused", "revoked")
-# Durations edge accepts for expiry and rotation grace: whole seconds up to 100 years, so the
-# resulting Unix times stay 10-12 digit integers that admit.lua and `keys show` read alike.
-MAX_SECONDS = 100 * 365 * 86_400
 
 
 class StoreError(Exception):
@@ -33,75 +35,13 @@ class KeyNotFound(StoreError):
     pass
 
 
-class KeyRevoked(StoreError):
-    pass
+class Conflict(StoreError):
+    """The key's state forbids the change (revoked, owner at the cap, no balance to top up)."""
 
 
-@dataclass(frozen=True)
-class KeyRecord:
-    id: str
-    plan: str
-    status: str
-    name: str
-    owner: str
-    rpm: int | None
-    rpd: int | None
-    rpm_override: int | None
-    rpd_override: int | None
-    created: int | None
-    expires: int | None
-    last_used: int | None
-    requests: int
-    rotated: int | None
-    previous_key_valid_until: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value is not None and WHOLE.match(value) else None
-
-
-def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecord:
-    """A record as stored (bytes or str fields) as a `KeyRecord`, hash fields left out."""
-    f = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
-    plan = settings.plans.get(f.get("plan", ""))
-    rpm_o, rpd_o = _int(f.get("rpm")), _int(f.get("rpd"))
-    return KeyRecord(
-        id=kid,
-        plan=f.get("plan", ""),
-        status=f.get("status") or "active",
-        name=f.get("name", ""),
-        owner=f.get("owner", ""),
-        rpm=rpm_o if rpm_o is not None else (plan.rpm if plan else None),
-        rpd=rpd_o if rpd_o is not None else (plan.rpd if plan else None),
-        rpm_override=rpm_o,
-        rpd_override=rpd_o,
-        created=_int(f.get("created")),
-        expires=_expires(f.get("expires")),
-        last_used=_int(f.get("last_used")),
-        requests=_int(f.get("requests")) or 0,
-        rotated=_int(f.get("rotated")),
-        previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
-    )
-
-
-def _expires(value: str | None) -> int | None:
-    """As admit.lua reads it: empty = never; anything but a whole number = already expired (0)."""
-    if not value:
-        return None
-    parsed = _int(value)
-    return 0 if parsed is None else parsed
-
-
-def check_seconds(label: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SECONDS:
-        raise StoreError(f"{label} must be whole seconds from {minimum} to {MAX_SECONDS}")
-    return value
+class Page(NamedTuple):
+    records: list[KeyRecord]
+    next_cursor: str | None
 
 
 def check_kid(kid: str) -> str:
@@ -110,95 +50,188 @@ def check_kid(kid: str) -> str:
     return kid
 
 
-def _check_text(label: str, value: str) -> str:
-    if len(value) > TEXT_LIMIT or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise StoreError(f"{label} must be at most {TEXT_LIMIT} printable characters")
-    return value
-
-
-def _check_limit(label: str, value: int | None) -> None:
-    if value is not None and not 0 <= value < 10**12:
-        raise StoreError(f"{label} must be a whole number from 0 to 999999999999")
+def _scopes_field(scopes: Scopes | None) -> str:
+    """The record's `scopes` value; empty (deleted) when nothing is restricted."""
+    return orjson.dumps(scopes.model_dump()).decode() if scopes and scopes.restricts() else ""
 
 
 class KeyStore:
-    """Key operations against one Redis client; the CLI and the app share it."""
+    """Key operations against one Redis client; the CLI and the admin API share it."""
 
     def __init__(self, client: StoreClient, scripts: Scripts, settings: Settings) -> None:
         self.client = client
         self.scripts = scripts
         self.settings = settings
+        self.owners = Owners(client, scripts.reserve, settings.keys.max_per_owner)
+        self.audit = Audit(client, settings.admin.audit_max)
 
-    async def create(
-        self,
-        plan: str,
-        name: str = "",
-        owner: str = "",
-        rpm: int | None = None,
-        rpd: int | None = None,
-        expires_in: int | None = None,
-    ) -> tuple[str, KeyRecord]:
+    @property
+    def plans(self) -> dict[str, Any]:
+        """Validation context for key_specs models."""
+        return {"plans": list(self.settings.plans)}
+
+    async def create(self, spec: NewKey, actor: str) -> tuple[str, KeyRecord]:
         """A new key: (the plaintext key, shown this once; its record)."""
-        if plan not in self.settings.plans:
-            known = ", ".join(self.settings.plans)
-            raise StoreError(f"unknown plan {plan!r}; configured plans: {known}")
-        _check_limit("rpm", rpm)
-        _check_limit("rpd", rpd)
-        if expires_in is not None:
-            check_seconds("expires_in", expires_in, 1)
-        fields: list[str | int] = ["plan", plan]
-        fields += ["name", _check_text("name", name)] if name else []
-        fields += ["owner", _check_text("owner", owner)] if owner else []
-        fields += ["rpm", rpm] if rpm is not None else []
-        fields += ["rpd", rpd] if rpd is not None else []
-        fields += ["expires_in", expires_in] if expires_in is not None else []
+        fields: list[str | int] = ["plan", spec.plan]
+        for name in ("name", "owner", "rpm", "rpd", "credits", "expires_in"):
+            value = getattr(spec, name)
+            if value not in (None, ""):
+                fields += [name, value]
+        if spec.expires_at is not None:
+            fields += ["expires", spec.expires_at]
+        if scopes := _scopes_field(spec.scopes):
+            fields += ["scopes", scopes]
         for _ in range(3):  # a kid collision is a 1-in-10^21 event; retry rather than fail
             kid = new_kid()
             key = make_key(self.settings.keys.prefix, kid)
-            created = await self.scripts.create(
-                self.client, [record_key(kid)], [key_hash(key), *fields]
+            with redis_errors("creating a key"):
+                created = int((await self.client.time())[0])
+            entry = key_index.member(created, kid)
+            if spec.owner and not await self.owners.reserve(spec.owner, kid, entry):
+                raise Conflict(
+                    f"owner {spec.owner!r} already has {self.owners.cap} keys that are not "
+                    "revoked (keys.max_per_owner); revoke one first"
+                )
+            with redis_errors("creating a key"):
+                await self.client.zadd(key_index.INDEX, {entry: 0})
+            done = await self.scripts.create(
+                self.client, [record_key(kid)], [key_hash(key), "created", created, *fields]
             )
-            if created:
-                return key, await self.get(kid)
+            if done:
+                record = await self.get(kid)
+                await self.audit.record("create", kid, spec.owner, actor, changed_fields(spec))
+                return key, record
         raise StoreError("could not allocate a key id")
 
     async def get(self, kid: str) -> KeyRecord:
         with redis_errors("reading a key"):
             raw = await self.client.hgetall(record_key(check_kid(kid)))
-        if not raw:
+        if not raw or (b"hash" not in raw and "hash" not in raw):
             raise KeyNotFound(f"no key with id {kid!r}")
         return decode_record(kid, raw, self.settings)
 
-    async def list(self, owner: str | None = None) -> list[KeyRecord]:
-        """Every key (optionally one owner's), oldest first."""
-        with redis_errors("listing keys"):
-            names = [n async for n in self.client.scan_iter(match=RECORD_PATTERN, count=1000)]
-        records = []
-        for name in names:
-            kid = kid_of(name)
-            if kid is None:
-                continue
-            with redis_errors("reading a key"):
-                raw = await self.client.hgetall(record_key(kid))
-            if raw:
-                record = decode_record(kid, raw, self.settings)
-                if owner is None or record.owner == owner:
+    async def list_page(
+        self,
+        owner: str | None = None,
+        status: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> Page:
+        """One page of keys (optionally one owner's, one status), and the cursor after it."""
+        await key_index.ensure(self.client)
+        index = keys_key(owner) if owner else key_index.INDEX
+        after = key_index.decode_cursor(cursor) if cursor else None
+        records: list[KeyRecord] = []
+        while True:
+            batch = await key_index.page(self.client, index, after, limit, newest_first)
+            found = await self._records([key_index.member_kid(entry) for entry in batch])
+            dangling = []
+            for entry, record in zip(batch, found, strict=True):
+                if len(records) == limit:
+                    return Page(records, key_index.encode_cursor(after or entry))
+                after = entry
+                if record is None:
+                    dangling.append(entry)
+                elif (status is None or record.status == status) and (
+                    owner is None or record.owner == owner
+                ):
                     records.append(record)
-        return sorted(records, key=lambda r: (r.created or 0, r.id))
+            await self._drop_dangling(index, dangling)
+            if len(batch) < limit:
+                return Page(records, None)
 
-    async def set_status(self, kid: str, status: str) -> KeyRecord:
-        if status not in STATUSES:
-            raise StoreError(f"status must be one of {', '.join(STATUSES)}")
+    async def _records(self, kids: list[str]) -> list[KeyRecord | None]:
+        """The records of `kids`, in one pipelined round trip (per node on a cluster)."""
+        if not kids:
+            return []
+        with redis_errors("reading keys"):
+            pipe = self.client.pipeline(transaction=False)
+            for kid in kids:
+                pipe.hgetall(record_key(kid))
+            raws = await pipe.execute()
+        return [
+            decode_record(kid, raw, self.settings) if raw else None
+            for kid, raw in zip(kids, raws, strict=True)
+        ]
+
+    async def _drop_dangling(self, index: str, entries: list[str]) -> None:
+        """Index entries whose record never came (a create that failed half-way), once old."""
+        old = [e for e in entries if int(e[:11]) < time.time() - STALE_SECONDS]
+        if old:
+            with redis_errors("cleaning the key index"):
+                await self.client.zrem(index, *old)
+
+    async def all_keys(self, owner: str | None = None) -> list[KeyRecord]:
+        """Every key (optionally one owner's), oldest first."""
+        records: list[KeyRecord] = []
+        cursor = None
+        while True:
+            page = await self.list_page(owner, None, cursor, 1000, newest_first=False)
+            records += page.records
+            if page.next_cursor is None:
+                return records
+            cursor = page.next_cursor
+
+    async def update(self, kid: str, change: KeyUpdate, actor: str) -> KeyRecord:
+        """Apply the fields `change` sets; null clears (see KeyUpdate)."""
+        before = await self.get(kid)
+        changes = changed_fields(change)
+        if not changes:
+            raise StoreError("nothing to change")
+        pairs: list[str | int] = []
+        for name in ("name", "owner", "plan", "rpm", "rpd", "credits"):
+            if name in changes:
+                value = getattr(change, name)
+                pairs += [name, "" if value is None else value]
+        if "expires_at" in changes:
+            pairs += ["expires", "" if change.expires_at is None else change.expires_at]
+        if "scopes" in changes:
+            pairs += ["scopes", _scopes_field(change.scopes)]
+        moving = "owner" in changes and change.owner != before.owner
+        entry = key_index.member(before.created or 0, kid)
+        reserve = moving and change.owner and before.status != "revoked"
+        if reserve and not await self.owners.reserve(change.owner or "", kid, entry):
+            raise Conflict(
+                f"owner {change.owner!r} already has {self.owners.cap} keys that are not "
+                "revoked (keys.max_per_owner)"
+            )
+        await self._write(kid, self.scripts.update, pairs)
+        if moving:
+            if before.owner:
+                await self.owners.forget(before.owner, kid, entry)
+            if change.owner:
+                with redis_errors("updating the owner index"):
+                    await self.client.zadd(keys_key(change.owner), {entry: 0})
+        record = await self.get(kid)
+        await self.audit.record("update", kid, record.owner, actor, changes)
+        return record
+
+    async def set_limits(self, kid: str, rpm: int | None, rpd: int | None, actor: str) -> KeyRecord:
+        """Per-key overrides; -1 clears one (back to the plan's value), None leaves it."""
+        fields: dict[str, Any] = {}
+        for name, value in (("rpm", rpm), ("rpd", rpd)):
+            if value is not None:
+                fields[name] = None if value == -1 else value
+        if not fields:
+            raise StoreError("give --rpm and/or --rpd")
+        return await self.update(kid, KeyUpdate.model_validate(fields), actor)
+
+    async def set_status(self, kid: str, status: str, actor: str) -> KeyRecord:
         done = await self.scripts.status(self.client, [record_key(check_kid(kid))], [status])
         if done == 0:
             raise KeyNotFound(f"no key with id {kid!r}")
         if done == -1:
-            raise KeyRevoked(f"key {kid} is revoked; revocation is final")
-        return await self.get(kid)
+            raise Conflict(f"key {kid} is revoked; revocation is final")
+        record = await self.get(kid)
+        if status == "revoked" and record.owner:
+            await self.owners.release(record.owner, kid)
+        action = {"active": "resume", "paused": "pause", "revoked": "revoke"}[status]
+        await self.audit.record(action, kid, record.owner, actor, {"status": status})
+        return record
 
-    async def rotate(self, kid: str, grace_seconds: int = 0) -> tuple[str, KeyRecord]:
+    async def rotate(self, kid: str, grace_seconds: int, actor: str) -> tuple[str, KeyRecord]:
         """A new secret for the same kid; the old key stays valid for `grace_seconds`."""
-        check_seconds("grace", grace_seconds, 0)
         key = make_key(self.settings.keys.prefix, check_kid(kid))
         done = await self.scripts.rotate(
             self.client, [record_key(kid)], [key_hash(key), grace_seconds]
@@ -206,23 +239,31 @@ class KeyStore:
         if done == 0:
             raise KeyNotFound(f"no key with id {kid!r}")
         if done == -1:
-            raise KeyRevoked(f"key {kid} is revoked; revocation is final")
-        return key, await self.get(kid)
+            raise Conflict(f"key {kid} is revoked; revocation is final")
+        record = await self.get(kid)
+        changes = {"grace_seconds": grace_seconds}
+        await self.audit.record("rotate", kid, record.owner, actor, changes)
+        return key, record
 
-    async def set_limits(self, kid: str, rpm: int | None, rpd: int | None) -> KeyRecord:
-        """Per-key overrides; -1 clears one (back to the plan's value), None leaves it."""
-        pairs: list[str | int] = []
-        for label, value in (("rpm", rpm), ("rpd", rpd)):
-            if value is None:
-                continue
-            if value == -1:
-                pairs += [label, ""]
-            else:
-                _check_limit(label, value)
-                pairs += [label, value]
-        if not pairs:
-            raise StoreError("give --rpm and/or --rpd")
-        done = await self.scripts.update(self.client, [record_key(check_kid(kid))], pairs)
+    async def add_credits(self, kid: str, delta: int, actor: str) -> KeyRecord:
+        """Top up (or take from) the balance, atomically; it never goes below 0."""
+        balance = await self.scripts.credits(self.client, [record_key(check_kid(kid))], [delta])
+        if balance == -1:
+            raise KeyNotFound(f"no key with id {kid!r}")
+        if balance == -2:
+            raise Conflict(f"key {kid} is revoked; revocation is final")
+        if balance == -3:
+            raise Conflict(
+                f"key {kid} has unlimited credits; give it a balance first (update credits)"
+            )
+        record = await self.get(kid)
+        changes = {"delta": delta, "credits": balance}
+        await self.audit.record("credits", kid, record.owner, actor, changes)
+        return record
+
+    async def _write(self, kid: str, script: Any, args: list[str | int]) -> None:
+        done = await script(self.client, [record_key(check_kid(kid))], args)
         if done == 0:
             raise KeyNotFound(f"no key with id {kid!r}")
-        return await self.get(kid)
+        if done == -1:
+            raise Conflict(f"key {kid} is revoked; revocation is final")

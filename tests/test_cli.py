@@ -125,7 +125,7 @@ def test_plans_json(redis_server: RedisServer) -> None:
 
 def test_unknown_plan_fails_cleanly(redis_server: RedisServer) -> None:
     done = run_cli("keys", "create", "--plan", "gold", "--json", redis_url=redis_server.url)
-    assert_clean_failure(done, 1, "unknown plan 'gold'")
+    assert_clean_failure(done, 2, "unknown plan 'gold'")
     assert done.stdout == ""
 
 
@@ -174,14 +174,14 @@ def test_bad_input_is_one_line_never_a_traceback(
 )
 def test_out_of_range_values_are_refused(redis_server: RedisServer, args: tuple[str, ...]) -> None:
     done = run_cli(*args, redis_url=redis_server.url)
-    assert_clean_failure(done, 1, "must be")
+    assert_clean_failure(done, 2, "Input should be")
     assert done.stdout == ""
 
 
 def test_rotation_grace_is_bounded(redis_server: RedisServer) -> None:
     kid = ok_json(redis_server, "keys", "create", "--plan", "free")["id"]
     done = run_cli("keys", "rotate", kid, "--grace", str(10**15), redis_url=redis_server.url)
-    assert_clean_failure(done, 1, "grace must be")
+    assert_clean_failure(done, 2, "grace_seconds: Input should be")
     year = 365 * 86_400
     rotated = ok_json(redis_server, "keys", "rotate", kid, "--grace", str(50 * year))
     assert rotated["previous_key_valid_until"] > rotated["rotated"] + 49 * year

@@ -46,5 +46,5 @@ def test_cluster_admission_exact_and_single_slot(
         assert asyncio.run(burst(key)) == {200: 5, 429: 25}
     assert len(upstream.records) == 15
 
-    listed = store_call(redis_cluster.url, lambda store: store.list())
+    listed = store_call(redis_cluster.url, lambda store: store.all_keys())
     assert {rec.id for _, rec in keys} <= {r.id for r in listed}

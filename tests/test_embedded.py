@@ -69,29 +69,54 @@ def test_embedded_mode_demo_key_and_upstream(
             assert resp.json()["error"]["code"] == "invalid_api_key"
 
 
-async def admit_script_run(client: Any) -> list[tuple[int, str, int, int, int, int]]:
-    """A scripted sequence on one fresh key with rpm=3, as (code, plan, rpm, rpd, minute
-    remaining, day remaining) per admit call."""
+async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
+    """A scripted sequence per admit call, as (code, plan, rpm, rpd, minute remaining, day
+    remaining, credits, model scoped): a key with rpm=3, then a scoped key with 2 credits."""
     admit, create, status = Script("admit"), Script("create"), Script("status")
     plans = plan_args(load_settings(CONFIG, {}).plans)
-    kid = keys.new_kid()
-    key = keys.make_key(PREFIX, kid)
-    record = keys.record_key(kid)
-    bucket_keys = (record, *keys.bucket_keys(kid))
-    assert await create(client, [record], [keys.key_hash(key), "plan", "free", "rpm", 3]) != 0
 
-    async def call(presented: str, kid_keys: tuple[str, ...] = bucket_keys) -> tuple[Any, ...]:
-        d = decode(await admit(client, kid_keys, (keys.key_hash(presented), *plans)))
-        return (d.code, d.plan, d.rpm, d.rpd, d.minute_remaining, d.day_remaining)
+    async def new(*fields: str | int) -> tuple[str, tuple[str, ...]]:
+        kid = keys.new_kid()
+        key = keys.make_key(PREFIX, kid)
+        record = keys.record_key(kid)
+        assert await create(client, [record], [keys.key_hash(key), "plan", "free", *fields]) != 0
+        return key, (record, *keys.bucket_keys(kid))
 
-    out = [await call(key) for _ in range(4)]
-    out.append(await call(keys.make_key(PREFIX, kid)))  # right kid, wrong secret
+    async def call(
+        presented: str, kid_keys: tuple[str, ...], route: str = "models", model: str = ""
+    ) -> tuple[Any, ...]:
+        reply = await admit(client, kid_keys, (keys.key_hash(presented), route, model, *plans))
+        d = decode(reply)
+        return (
+            d.code,
+            d.plan,
+            d.rpm,
+            d.rpd,
+            d.minute_remaining,
+            d.day_remaining,
+            d.credits,
+            d.model_scoped,
+        )
+
+    key, kid_keys = await new("rpm", 3)
+    out = [await call(key, kid_keys) for _ in range(4)]
+    out.append(await call(keys.make_key(PREFIX, kid_keys[0][10:-1]), kid_keys))  # wrong secret
     other = keys.new_kid()
     out.append(await call(key, (keys.record_key(other), *keys.bucket_keys(other))))
-    await status(client, [record], ["paused"])
-    out.append(await call(key))
-    await status(client, [record], ["revoked"])
-    out.append(await call(key))
+    scopes = '{"routes": ["chat/completions"], "models": ["gpt-4o*", "o?"]}'
+    scoped, scoped_keys = await new("scopes", scopes, "credits", 2)
+    chat = "chat/completions"
+    out.append(await call(scoped, scoped_keys, "embeddings", "=gpt-4o"))  # route outside
+    out.append(await call(scoped, scoped_keys, chat))  # model needed
+    out.append(await call(scoped, scoped_keys, chat, "!"))  # body without a model
+    out.append(await call(scoped, scoped_keys, chat, "=gpt-3.5-turbo"))  # model outside
+    out.append(await call(scoped, scoped_keys, chat + "/x", "=gpt-4o-mini"))
+    out.append(await call(scoped, scoped_keys, chat, "=o1"))
+    out.append(await call(scoped, scoped_keys, chat, "=o1"))  # no credits left
+    await status(client, [kid_keys[0]], ["paused"])
+    out.append(await call(key, kid_keys))
+    await status(client, [kid_keys[0]], ["revoked"])
+    out.append(await call(key, kid_keys))
     return out
 
 
@@ -106,15 +131,23 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
         await real.aclose()
 
     assert on_fake == on_real
+    free, none = -1, ("", 0, 0, 0, 0, -1, False)
     assert on_real == [
-        (Code.ADMITTED, "free", 3, 1000, 2, 999),
-        (Code.ADMITTED, "free", 3, 1000, 1, 998),
-        (Code.ADMITTED, "free", 3, 1000, 0, 997),
-        (Code.MINUTE_EMPTY, "free", 3, 1000, 0, 997),
-        (Code.UNKNOWN, "", 0, 0, 0, 0),
-        (Code.UNKNOWN, "", 0, 0, 0, 0),
-        (Code.PAUSED, "free", 0, 0, 0, 0),
-        (Code.REVOKED, "free", 0, 0, 0, 0),
+        (Code.ADMITTED, "free", 3, 1000, 2, 999, free, False),
+        (Code.ADMITTED, "free", 3, 1000, 1, 998, free, False),
+        (Code.ADMITTED, "free", 3, 1000, 0, 997, free, False),
+        (Code.MINUTE_EMPTY, "free", 3, 1000, 0, 997, free, False),
+        (Code.UNKNOWN, *none),
+        (Code.UNKNOWN, *none),
+        (Code.OUT_OF_SCOPE, "free", 0, 0, 0, 0, 2, True),
+        (Code.NEED_MODEL, "free", 0, 0, 0, 0, 2, True),
+        (Code.MODEL_UNREADABLE, "free", 0, 0, 0, 0, 2, True),
+        (Code.OUT_OF_SCOPE, "free", 0, 0, 0, 0, 2, True),
+        (Code.ADMITTED, "free", 20, 1000, 19, 999, 1, True),
+        (Code.ADMITTED, "free", 20, 1000, 18, 998, 0, True),
+        (Code.NO_CREDITS, "free", 0, 0, 0, 0, 0, True),
+        (Code.PAUSED, "free", 0, 0, 0, 0, -1, False),
+        (Code.REVOKED, "free", 0, 0, 0, 0, -1, False),
     ]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from edge.store import KeyRecord
+from edge.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.raw_http import chunked, exchange, parse_response, request_head

@@ -17,8 +17,9 @@ from edge.settings import Plan
 
 
 def test_decode_full_and_short_replies() -> None:
-    d = decode([0, b"free", 20, 1000, 19, 3000, 999, 86400, 0])
-    assert d == Decision(Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0)
+    d = decode([0, b"free", 20, 1000, 19, 3000, 999, 86400, 0, 41, 1])
+    assert d == Decision(Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0, 41, True)
+    assert decode([8, b"free", 0, 0, 0, 0, 0, 0, 0, -1, 0]).credits == -1
     assert decode([1]) == Decision(Code.UNKNOWN, "")
     assert decode([4, b"pro"]).plan == "pro"
 

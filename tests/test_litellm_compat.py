@@ -41,7 +41,7 @@ import redis
 
 from edge import errors, keys
 from edge.keys import record_key
-from edge.store import KeyRecord
+from edge.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import store_call
@@ -109,7 +109,7 @@ def bad_key(
         return secrets.token_urlsafe(24)
     key, rec = make_key(expires_in=3600)
     if kind == "revoked":
-        store_call(redis_server.url, lambda store: store.set_status(rec.id, "revoked"))
+        store_call(redis_server.url, lambda store: store.set_status(rec.id, "revoked", "test"))
     else:
         r.hset(record_key(rec.id), "expires", int(r.time()[0]))
     return key
@@ -118,7 +118,7 @@ def bad_key(
 @pytest.fixture
 def paused_key(make_key: MakeKey, redis_server: RedisServer) -> str:
     key, rec = make_key()
-    store_call(redis_server.url, lambda store: store.set_status(rec.id, "paused"))
+    store_call(redis_server.url, lambda store: store.set_status(rec.id, "paused", "test"))
     return key
 
 

@@ -20,7 +20,7 @@ def test_rotation_grace_keeps_the_old_key_until_redis_time_passes_it(
     edge: EdgeProcess, redis_server: RedisServer, r: redis.Redis, make_key
 ) -> None:
     old, rec = make_key()
-    new, rotated = store_call(redis_server.url, lambda s: s.rotate(rec.id, 3600))
+    new, rotated = store_call(redis_server.url, lambda s: s.rotate(rec.id, 3600, "test"))
     assert new != old and rotated.id == rec.id
     assert rotated.previous_key_valid_until is not None
     assert status(edge, old).status_code == 200
@@ -30,7 +30,7 @@ def test_rotation_grace_keeps_the_old_key_until_redis_time_passes_it(
     assert status(edge, old).status_code == 401
     assert status(edge, new).status_code == 200
     # revoking drops the rotated-out key too, and revocation is final
-    store_call(redis_server.url, lambda s: s.set_status(rec.id, "revoked"))
+    store_call(redis_server.url, lambda s: s.set_status(rec.id, "revoked", "test"))
     assert status(edge, new).status_code == 401
 
 

@@ -5,34 +5,50 @@ KEYS[1]  edge:key:{kid}      the key record (hash)
 KEYS[2]  edge:key:{kid}:m    minute bucket (hash: tokens = float, ts = ms of the last update)
 KEYS[3]  edge:key:{kid}:d    day bucket (same fields)
 ARGV[1]  sha256 hex of the presented key
-ARGV[2…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (requests per window)
+ARGV[2]  the request's route: its raw path after "/v1/" (e.g. "chat/completions")
+ARGV[3]  the request body's model, as far as the caller read it: "" not read (the body is
+         parsed only for keys with model scopes), "!" read but no usable top-level "model",
+         "=" followed by the model
+ARGV[4…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (requests per window)
 
 Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd (optional overrides,
 non-negative integers; anything else falls back to the plan), status (active | paused |
 revoked; empty = active), expires (unix s; empty = never; anything else = expired),
-requests (a count; anything else is reset).
-Record fields written on admission: last_used (unix s), requests (+1).
+requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]};
+absent = everything; unreadable = nothing), credits (absent or empty = unlimited; a whole
+number = the balance; anything else = none left).
+Record fields written on admission: last_used (unix s), requests (+1), credits (-1 if limited).
 
 Every field is read and validated before the first write, and every write is one that cannot
 fail on any value an operator may have stored (HSET, PEXPIRE, HINCRBY on a checked integer):
 garbage in a record gives a defined answer, never an error after a bucket was charged.
 
+Scopes: a route is allowed when it equals a scope route or continues it after a "/"; a model
+when it matches a scope glob (`*` any run of characters, `?` one). A key with model scopes
+needs the model: without ARGV[3] the answer is 10 (read the body and ask again), nothing
+charged.
+
 Time is Redis time (TIME) in milliseconds, never the caller's. Buckets refill continuously:
 capacity / 60000 tokens per ms (minute) and capacity / 86400000 per ms (day). A request is
-admitted only when both buckets hold a whole token; then both are charged one. Rejections
-write nothing. A bucket expires when it would be full again: a missing bucket is a full one.
-A bucket timestamp in the future (clock stepped back on failover) refills nothing until Redis
-time passes it, and is never trusted for more than one window ahead.
+admitted only when both buckets hold a whole token and a credit is left; then both buckets
+and the credits are charged one. Rejections write nothing. A bucket expires when it would be
+full again: a missing bucket is a full one. A bucket timestamp in the future (clock stepped
+back on failover) refills nothing until Redis time passes it, and is never trusted for more
+than one window ahead.
 
 Reply, decoded positionally by limiter.py:
   1 code   0 admitted, 1 unknown key, 2 revoked, 3 expired, 4 paused (not active),
-           5 minute bucket empty, 6 day bucket empty, 7 plan not configured
+           5 minute bucket empty, 6 day bucket empty, 7 plan not configured,
+           8 route or model outside the key's scopes, 9 no credits left,
+           10 model needed (the key has model scopes), 11 body unusable for model scopes
   2 plan   the record's plan name
   3 rpm    4 rpd      effective limits
   5 minute tokens left (whole)   6 ms until the minute bucket is full
   7 day tokens left (whole)      8 ms until the day bucket is full
   9 ms until the next request could be admitted (0 when admitted)
-Codes 1-4 and 7 carry only the first one or two entries.
+  10 credits left after this request (-1: unlimited)
+  11 1 when the key has model scopes, else 0
+Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10 and 11.
 ]]
 
 local MINUTE, DAY = 60000, 86400000
@@ -43,8 +59,34 @@ local function whole(v)
   return nil
 end
 
+local function list_of_strings(v)
+  local out = {}
+  if type(v) == 'table' then
+    for _, item in ipairs(v) do
+      if type(item) == 'string' then out[#out + 1] = item end
+    end
+  end
+  return out
+end
+
+local function route_allowed(routes, route)
+  for _, r in ipairs(routes) do
+    if route == r or string.sub(route, 1, #r + 1) == r .. '/' then return true end
+  end
+  return false
+end
+
+local function model_allowed(globs, model)
+  for _, g in ipairs(globs) do
+    local p = string.gsub(g, '[%^%$%(%)%%%.%[%]%+%-]', '%%%0')
+    p = string.gsub(string.gsub(p, '%*', '.*'), '%?', '.')
+    if string.match(model, '^' .. p .. '$') then return true end
+  end
+  return false
+end
+
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
-  'status', 'expires', 'requests')
+  'status', 'expires', 'requests', 'scopes', 'credits')
 if not rec[1] then return {1} end
 
 local clock = redis.call('TIME')
@@ -66,13 +108,39 @@ end
 if status and status ~= '' and status ~= 'active' then return {4, plan} end
 
 local plan_rpm, plan_rpd
-for i = 2, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   if ARGV[i] == plan then
     plan_rpm, plan_rpd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     break
   end
 end
 if not plan_rpm then return {7, plan} end
+
+local credits = -1
+if rec[11] and rec[11] ~= '' then credits = whole(rec[11]) or 0 end
+
+local model_scoped = 0
+if rec[10] and rec[10] ~= '' then
+  local ok, scopes = pcall(cjson.decode, rec[10])
+  if not ok or type(scopes) ~= 'table' then
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 0}
+  end
+  local routes, models = list_of_strings(scopes.routes), list_of_strings(scopes.models)
+  if #models > 0 then model_scoped = 1 end
+  if #routes > 0 and not route_allowed(routes, ARGV[2]) then
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, model_scoped}
+  end
+  if #models > 0 then
+    local state = ARGV[3]
+    if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1} end
+    if string.sub(state, 1, 1) ~= '=' then return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1} end
+    if not model_allowed(models, string.sub(state, 2)) then
+      return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+    end
+  end
+end
+if credits == 0 then return {9, plan, 0, 0, 0, 0, 0, 0, 0, 0, model_scoped} end
+
 local rpm = whole(rec[5]) or plan_rpm
 local rpd = whole(rec[6]) or plan_rpd
 
@@ -110,7 +178,7 @@ if mt < 1 - EPS or dt < 1 - EPS then
   end
   return {code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
-    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry}
+    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, model_scoped}
 end
 
 mt, dt = math.max(mt - 1, 0), math.max(dt - 1, 0)
@@ -126,4 +194,9 @@ if whole(rec[9]) then
 else
   redis.call('HSET', KEYS[1], 'requests', 1)
 end
-return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0}
+if credits > 0 then
+  credits = credits - 1
+  redis.call('HSET', KEYS[1], 'credits', credits)
+end
+return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
+  credits, model_scoped}

@@ -225,6 +225,12 @@ class FakeUpstream:
         return resp
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._demo(request)
+        except demo.BadBody as bad:  # OpenAI's 400, as the demo app's middleware answers it
+            return bad.response
+
+    async def _demo(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         if path == "/v1/models" and request.method == "GET":
             return await demo.models(request)

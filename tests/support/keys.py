@@ -7,10 +7,12 @@ import threading
 from typing import Any
 
 from edge import connection
+from edge.key_specs import NewKey
 from edge.keys import KID_LEN, SECRET_LEN
+from edge.records import KeyRecord
 from edge.scripts import Scripts
 from edge.settings import RedisSettings, load_settings
-from edge.store import KeyRecord, KeyStore
+from edge.store import KeyStore
 from tests.support.edge_process import CONFIG
 
 
@@ -47,7 +49,8 @@ def store_call(redis_url: str, action: Any) -> Any:
 
 def new_key(redis_url: str, plan: str = "free", **kw: Any) -> tuple[str, KeyRecord]:
     """(plaintext key, record) of a fresh key."""
-    return store_call(redis_url, lambda store: store.create(plan, **kw))  # type: ignore[no-any-return]
+    spec = NewKey.model_validate({"plan": plan, **kw})
+    return store_call(redis_url, lambda store: store.create(spec, "test"))  # type: ignore[no-any-return]
 
 
 def secret_part(key: str, prefix: str = "gw_sk_") -> str:

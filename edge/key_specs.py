@@ -1,0 +1,177 @@
+"""What an operator may ask of a key, as validated models: the one input the admin API and the
+CLI both build and `store.py` acts on.
+
+Validation is strict (pydantic, as the settings): a limit is a whole number, never `"5"`,
+`5.0` or `true`; unknown fields are refused; every error names its field. Which plans exist
+is configuration, so it is checked with the plans passed as validation context.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MAX_SECONDS = 100 * 365 * 86_400  # expiry, grace: whole seconds up to 100 years
+MAX_UNIX = 10**11  # an absolute time edge accepts (year ~5138), 11 digits
+TEXT_LIMIT = 200
+ROUTE = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
+GLOB = re.compile(r"^[\x21-\x7e]{1,128}$")
+STATUSES = ("active", "paused", "revoked")
+
+
+def _printable(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _route(value: str) -> str:
+    """`/v1/chat/completions/` and `chat/completions` are the same route scope."""
+    route = value.strip("/")
+    route = route[3:] if route.startswith("v1/") else route
+    if not ROUTE.match(route):
+        raise ValueError("must be a path under /v1, like chat/completions or embeddings")
+    return route
+
+
+def _glob(value: str) -> str:
+    if not GLOB.match(value):
+        raise ValueError("must be 1-128 printable characters without spaces (* and ? as wildcards)")
+    return value
+
+
+Text = Annotated[str, Field(max_length=TEXT_LIMIT), AfterValidator(_printable)]
+Limit = Annotated[StrictInt, Field(ge=0, lt=10**12)]
+Seconds = Annotated[StrictInt, Field(ge=1, le=MAX_SECONDS)]
+Grace = Annotated[StrictInt, Field(ge=0, le=MAX_SECONDS)]
+UnixTime = Annotated[StrictInt, Field(ge=1, lt=MAX_UNIX)]
+Route = Annotated[str, Field(max_length=200), AfterValidator(_route)]
+Glob = Annotated[str, AfterValidator(_glob)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Scopes(_Spec):
+    """Allowed routes (path prefixes under /v1) and models (globs); empty = no restriction."""
+
+    routes: Annotated[list[Route], Field(max_length=50)] = []
+    models: Annotated[list[Glob], Field(max_length=50)] = []
+
+    def restricts(self) -> bool:
+        return bool(self.routes or self.models)
+
+
+def _known_plan(plan: str, info: ValidationInfo) -> str:
+    plans = (info.context or {}).get("plans")
+    if plans is not None and plan not in plans:
+        raise ValueError(f"unknown plan {plan!r}; configured plans: {', '.join(plans)}")
+    return plan
+
+
+class NewKey(_Spec):
+    plan: str
+    name: Text = ""
+    owner: Text = ""
+    rpm: Limit | None = None
+    rpd: Limit | None = None
+    expires_in: Seconds | None = None
+    expires_at: UnixTime | None = None
+    scopes: Scopes | None = None
+    credits: Limit | None = None
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, plan: str, info: ValidationInfo) -> str:
+        return _known_plan(plan, info)
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> NewKey:
+        if self.expires_in is not None and self.expires_at is not None:
+            raise ValueError("give expires_in or expires_at, not both")
+        return self
+
+
+class KeyUpdate(_Spec):
+    """A change to a key: only the fields present change; `null` clears an override (rpm, rpd),
+    the scopes, the expiry, or the balance (credits: unlimited again)."""
+
+    name: Text | None = None
+    owner: Text | None = None
+    plan: str | None = None
+    rpm: Limit | None = None
+    rpd: Limit | None = None
+    scopes: Scopes | None = None
+    expires_at: UnixTime | None = None
+    credits: Limit | None = None
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, plan: str | None, info: ValidationInfo) -> str | None:
+        if plan is None:
+            raise ValueError("a key always has a plan; give one of the configured plans")
+        return _known_plan(plan, info)
+
+    @field_validator("name", "owner")
+    @classmethod
+    def _not_null(cls, value: str | None) -> str:
+        return value or ""  # null and "" both clear a name or owner
+
+
+class Rotation(_Spec):
+    grace_seconds: Grace = 0
+
+
+class CreditChange(_Spec):
+    delta: Annotated[StrictInt, Field(gt=-(10**12), lt=10**12)]
+
+
+class ListQuery(_Spec):
+    owner: Text | None = None
+    status: str | None = None
+    cursor: str | None = None
+    limit: Annotated[StrictInt, Field(ge=1, le=1000)] = 100
+
+    @field_validator("status")
+    @classmethod
+    def _status(cls, status: str | None) -> str | None:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"must be one of {', '.join(STATUSES)}")
+        return status
+
+
+def explain(exc: ValidationError) -> tuple[str, str | None]:
+    """The first error of `exc` as (one line naming the field, the field's dotted path)."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    param = ".".join(loc) or None
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "json_invalid":
+        message = "the body is not valid JSON"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return (f"{param}: {message}" if param else message), param
+
+
+def changed_fields(model: BaseModel) -> dict[str, Any]:
+    """The fields a request set (null included), as plain JSON-able values."""
+    return {name: _plain(getattr(model, name)) for name in sorted(model.model_fields_set)}
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value

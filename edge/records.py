@@ -1,0 +1,112 @@
+"""A key record as operators see it: decoded from the Redis hash exactly as admit.lua reads it,
+and never holding the key or its hash. Pure, no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from edge.settings import Settings
+
+WHOLE = re.compile(r"^\d{1,12}$")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    plan: str
+    status: str
+    name: str
+    owner: str
+    rpm: int | None  # effective: the override, else the plan's
+    rpd: int | None
+    rpm_override: int | None
+    rpd_override: int | None
+    created: int | None
+    expires: int | None
+    last_used: int | None
+    requests: int
+    credits: int | None  # None: unlimited
+    scopes: dict[str, Any] | None  # {"routes": [...], "models": [...]}; None: no restriction
+    rotated: int | None
+    previous_key_valid_until: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and WHOLE.match(value) else None
+
+
+def text_fields(raw: dict[Any, Any]) -> dict[str, str]:
+    """A hash as Redis returned it (bytes or str) with str names and values."""
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+        )
+        for k, v in raw.items()
+    }
+
+
+def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecord:
+    """A record as stored as a `KeyRecord`, hash fields left out."""
+    f = text_fields(raw)
+    plan = settings.plans.get(f.get("plan", ""))
+    rpm_o, rpd_o = _int(f.get("rpm")), _int(f.get("rpd"))
+    return KeyRecord(
+        id=kid,
+        plan=f.get("plan", ""),
+        status=f.get("status") or "active",
+        name=f.get("name", ""),
+        owner=f.get("owner", ""),
+        rpm=rpm_o if rpm_o is not None else (plan.rpm if plan else None),
+        rpd=rpd_o if rpd_o is not None else (plan.rpd if plan else None),
+        rpm_override=rpm_o,
+        rpd_override=rpd_o,
+        created=_int(f.get("created")),
+        expires=_expires(f.get("expires")),
+        last_used=_int(f.get("last_used")),
+        requests=_int(f.get("requests")) or 0,
+        credits=_credits(f.get("credits")),
+        scopes=_scopes(f.get("scopes")),
+        rotated=_int(f.get("rotated")),
+        previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
+    )
+
+
+def _expires(value: str | None) -> int | None:
+    """As admit.lua reads it: empty = never; anything but a whole number = already expired (0)."""
+    if not value:
+        return None
+    parsed = _int(value)
+    return 0 if parsed is None else parsed
+
+
+def _credits(value: str | None) -> int | None:
+    """As admit.lua reads it: absent or empty = unlimited; unreadable = none left (0)."""
+    if not value:
+        return None
+    parsed = _int(value)
+    return 0 if parsed is None else parsed
+
+
+def _scopes(value: str | None) -> dict[str, Any] | None:
+    """As admit.lua reads it: absent or empty = no restriction; unreadable = nothing allowed."""
+    if not value:
+        return None
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        return {"routes": [], "models": [], "error": "unreadable: nothing is allowed"}
+    scopes = {name: _strings(data.get(name)) for name in ("routes", "models")}
+    return scopes if scopes["routes"] or scopes["models"] else None
+
+
+def _strings(value: Any) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
