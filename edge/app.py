@@ -16,9 +16,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 from edge import errors
+from edge.admin import AdminApi, admin_enabled
 from edge.exchange import Receive, Scope, Send
 from edge.health import healthz, readyz
 from edge.metrics import CONTENT_TYPE
@@ -46,19 +48,37 @@ async def on_error(request: Request, exc: Exception) -> Response:
     return errors.error_response(errors.EdgeError())
 
 
+class Deferred:
+    """An ASGI app bound at start-up (it needs the runtime's resources); 503 until then."""
+
+    def __init__(self) -> None:
+        self.app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            await errors.send_error(send, errors.ServiceUnavailable("edge is starting up."))
+        else:
+            await self.app(scope, receive, send)
+
+
 class Edge:
-    """The ASGI app: `/v1/*` to the proxy, the rest to the control plane."""
+    """The ASGI app: `/v1/*` to the proxy, the rest to the control plane (health, metrics,
+    and the admin API when an admin token is set)."""
 
     def __init__(self, settings: Settings, on_ready: OnReady | None = None) -> None:
         self.settings = settings
         self.on_ready = on_ready
         self.proxy = Proxy()
+        self.admin = Deferred()
+        routes: list[BaseRoute] = [
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+        ]
+        if admin_enabled(settings):
+            routes.append(Mount("/admin", app=self.admin))
         self.control = Starlette(
-            routes=[
-                Route("/healthz", healthz),
-                Route("/readyz", readyz),
-                Route("/metrics", metrics_endpoint),
-            ],
+            routes=routes,
             exception_handlers={HTTPException: on_http_exception, Exception: on_error},
             lifespan=self._lifespan,
         )
@@ -68,6 +88,9 @@ class Edge:
         async with open_runtime(self.settings) as rt:
             self.proxy.bind(rt)
             self.control.state.runtime = rt
+            if admin_enabled(self.settings):
+                token = self.settings.admin.token.get_secret_value()
+                self.admin.app = AdminApi(rt.store, token).router
             if self.on_ready is not None:
                 await self.on_ready(rt)
             yield

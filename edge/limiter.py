@@ -41,6 +41,7 @@ class Code(IntEnum):
 UNLIMITED = -1
 MODEL_NOT_READ = ""
 MODEL_MISSING = "!"
+NO_BODY = "~"  # a bodyless request: model scopes have nothing to check
 
 
 class Decision(NamedTuple):

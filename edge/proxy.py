@@ -21,10 +21,11 @@ import aiohttp
 from yarl import URL
 
 from edge import errors
-from edge.exchange import BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
+from edge.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
 from edge.keys import ParsedKey, bearer_token
 from edge.limiter import (
     MODEL_NOT_READ,
+    NO_BODY,
     UNLIMITED,
     Code,
     Decision,
@@ -171,7 +172,10 @@ class Proxy:
 
     async def _model(self, ex: Exchange) -> str:
         """admit.lua's model argument from the whole body, read now and kept for the upstream."""
-        return model_state(body_model(await ex.read_body(self.policy.max_body)))
+        body = await ex.read_body(self.policy.max_body)
+        if not body and ex.method in BODYLESS:
+            return NO_BODY
+        return model_state(body_model(body))
 
     @staticmethod
     def _key(rt: Runtime, inbound: Inbound) -> ParsedKey | None:

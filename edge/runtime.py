@@ -22,6 +22,7 @@ from edge.metrics import Metrics
 from edge.redis_types import ScriptClient
 from edge.scripts import Scripts
 from edge.settings import Settings, UpstreamSettings
+from edge.store import KeyStore
 
 log = logging.getLogger("edge")
 
@@ -37,6 +38,7 @@ class Runtime:
     session: aiohttp.ClientSession
     upstream_base: str
     key_format: KeyFormat
+    store: KeyStore
     demo_key: str | None = None
 
 
@@ -101,4 +103,5 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             session=session,
             upstream_base=upstream_base,
             key_format=KeyFormat(settings.keys.prefix),
+            store=KeyStore(redis, scripts, settings),
         )

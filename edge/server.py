@@ -21,7 +21,6 @@ from edge.http_protocol import EdgeHttpToolsProtocol
 from edge.key_specs import NewKey
 from edge.runtime import Runtime
 from edge.settings import Settings
-from edge.store import KeyStore
 
 log = logging.getLogger("edge")
 DEMO_BODY = '{"model": "edge-demo", "messages": [{"role": "user", "content": "Hello"}]}'
@@ -40,7 +39,7 @@ async def announce(rt: Runtime, demo_key: bool = False) -> None:
         if s.demo_upstream or demo_key:
             plan = next(iter(s.plans))
             spec = NewKey(plan=plan, name="demo")
-            key, _ = await KeyStore(rt.redis, rt.scripts, s).create(spec, actor="demo")
+            key, _ = await rt.store.create(spec, actor="demo")
             rt.demo_key = key
         else:
             log.warning(

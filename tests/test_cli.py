@@ -22,6 +22,7 @@ from edge import keys
 from edge.keys import record_key
 from tests.support.edge_process import EdgeProcess, run_cli
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.keys import secret_part
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
@@ -255,3 +256,112 @@ def test_cli_changes_apply_on_the_next_request(
         assert call(rotated["key"]).status_code == 200
 
     assert len(upstream.records) == 4, "only the admitted requests reach the upstream"
+
+
+def test_cli_parity_scopes_credits_update_and_audit(
+    edge: EdgeProcess, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    """The CLI reaches every operation the admin API has, through the same store functions:
+    scopes, credits, expiry at a time, updates, top-ups, and the audit log (actor `cli`)."""
+    me = owner()
+    created = ok_json(
+        redis_server,
+        *("keys", "create", "--plan", "free", "--owner", me, "--credits", "2"),
+        *("--scope-route", "models", "--scope-model", "gpt-4o*"),
+        *("--expires-at", "2999-01-01T00:00:00Z"),
+    )
+    kid, key = created["id"], created["key"]
+    assert created["credits"] == 2
+    assert created["scopes"] == {"routes": ["models"], "models": ["gpt-4o*"]}
+    assert created["expires"] == 32472144000
+    with httpx.Client(base_url=edge.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.post("/v1/embeddings", json={"model": "gpt-4o"}).status_code == 403
+
+        updated = ok_json(
+            redis_server,
+            "keys",
+            "update",
+            kid,
+            "--name",
+            "renamed",
+            "--credits",
+            "unlimited",
+            "--no-scopes",
+            "--expires-at",
+            "never",
+        )
+        assert (updated["name"], updated["credits"], updated["scopes"]) == ("renamed", None, None)
+        assert updated["expires"] is None
+        assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+
+        failed = run_cli("keys", "credits", kid, "--add", "5", redis_url=redis_server.url)
+        assert_clean_failure(failed, 1, "unlimited credits")
+        assert ok_json(redis_server, "keys", "update", kid, "--credits", "1")["credits"] == 1
+        assert ok_json(redis_server, "keys", "credits", kid, "--add", "-5")["credits"] == 0
+        assert client.get("/v1/models").status_code == 402
+        assert ok_json(redis_server, "keys", "credits", kid, "--add", "1")["credits"] == 1
+        assert client.get("/v1/models").status_code == 200
+
+    entries = ok_json(redis_server, "audit", "--limit", "20")
+    mine = [e for e in entries if e["key"] == kid]
+    assert [e["action"] for e in mine] == ["credits", "credits", "update", "update", "create"]
+    assert {e["actor"] for e in mine} == {"cli"}
+    assert mine[-1]["changes"]["scopes"] == {"routes": ["models"], "models": ["gpt-4o*"]}
+    text = json.dumps(entries)
+    assert key not in text and secret_part(key) not in text
+    table = run_cli("audit", "--limit", "5", redis_url=redis_server.url)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].startswith("TIME")
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (("keys", "create", "--plan", "free", "--scope-route", "a b"), "scopes.routes.0"),
+        (("keys", "create", "--plan", "free", "--scope-model", "gpt 4"), "scopes.models.0"),
+        (("keys", "create", "--plan", "free", "--credits", "-1"), "credits"),
+        (("keys", "create", "--plan", "free", "--expires-at", "2030-01-01"), "time zone"),
+        (
+            ("keys", "create", "--plan", "free", "--expires-in", "5", "--expires-at", "9"),
+            "not both",
+        ),
+        (("keys", "update", "abcdefabcdef"), "nothing to change"),
+        (("keys", "update", "abcdefabcdef", "--plan", "gold"), "unknown plan"),
+        (("audit", "--limit", "0"), "--limit"),
+    ],
+)
+def test_cli_values_are_validated_like_the_api(
+    redis_server: RedisServer, args: tuple[str, ...], text: str
+) -> None:
+    assert_clean_failure(run_cli(*args, redis_url=redis_server.url), 2, text)
+
+
+def test_owner_cap_from_the_cli(redis_server: RedisServer) -> None:
+    me = owner()
+    env = {"EDGE_KEYS_MAX_PER_OWNER": "2"}
+    ids = []
+    for _ in range(2):
+        done = run_cli(
+            "keys",
+            "create",
+            "--plan",
+            "free",
+            "--owner",
+            me,
+            "--json",
+            redis_url=redis_server.url,
+            **env,
+        )
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["id"])
+    third = run_cli(
+        "keys", "create", "--plan", "free", "--owner", me, redis_url=redis_server.url, **env
+    )
+    assert_clean_failure(third, 1, "keys.max_per_owner")
+    assert run_cli("keys", "revoke", ids[0], redis_url=redis_server.url).returncode == 0
+    again = run_cli(
+        "keys", "create", "--plan", "free", "--owner", me, redis_url=redis_server.url, **env
+    )
+    assert again.returncode == 0, again.stderr
+    listed = ok_json(redis_server, "keys", "list", "--owner", me, "--status", "revoked")
+    assert [row["id"] for row in listed] == [ids[0]]

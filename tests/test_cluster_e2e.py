@@ -4,12 +4,15 @@ masters, every admission touches one slot, limits stay exact, listing spans all 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 
 import httpx
 import pytest
 
+from edge.key_specs import KeyUpdate, NewKey
 from edge.keys import bucket_keys, record_key
+from edge.store import Conflict, KeyStore
 from tests.support.edge_process import edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key, store_call
@@ -48,3 +51,36 @@ def test_cluster_admission_exact_and_single_slot(
 
     listed = store_call(redis_cluster.url, lambda store: store.all_keys())
     assert {rec.id for _, rec in keys} <= {r.id for r in listed}
+
+
+def test_cluster_key_management(redis_cluster: RedisCluster) -> None:
+    """The operator plane on a cluster: the owner cap (reserved on the owner's own slot),
+    cursor pages over the one listing index, updates, credits and the audit stream."""
+    owner = f"cluster-owner-{uuid.uuid4().hex[:8]}"
+
+    async def scenario(store: KeyStore) -> None:
+        store.owners.cap = 5
+        created = [await store.create(NewKey(plan="free", owner=owner), "test") for _ in range(5)]
+        with pytest.raises(Conflict):
+            await store.create(NewKey(plan="free", owner=owner), "test")
+        kids = [rec.id for _, rec in created]
+        await store.set_status(kids[0], "revoked", "test")
+        await store.create(NewKey(plan="free", owner=owner, credits=3), "test")
+
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await store.list_page(owner=owner, cursor=cursor, limit=2)
+            seen += [r.id for r in page.records]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert len(seen) == len(set(seen)) == 6
+        assert set(kids) <= set(seen)
+
+        await store.update(kids[1], KeyUpdate(rpm=7), "test")
+        assert (await store.get(kids[1])).rpm == 7
+        entries, _ = await store.audit.page(None, 50)
+        assert {"create", "revoke", "update"} <= {e["action"] for e in entries}
+
+    store_call(redis_cluster.url, scenario)

@@ -92,6 +92,9 @@ def test_model_scopes_read_the_body_and_forward_it_byte_for_byte(
     assert upstream.records == []
     minute, _ = bucket_keys(kid)
     assert float(r.hget(minute, "tokens")) >= 197.9  # only the two admitted were charged
+    # a request without a body carries no model: model scopes have nothing to refuse
+    assert httpx.get(f"{edge.url}/v1/models", headers=auth(key)).status_code == 200
+    assert httpx.delete(f"{edge.url}/v1/files/f-1", headers=auth(key)).status_code == 200
 
 
 def test_model_scoped_body_streamed_in_many_pieces(

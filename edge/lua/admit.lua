@@ -7,14 +7,16 @@ KEYS[3]  edge:key:{kid}:d    day bucket (same fields)
 ARGV[1]  sha256 hex of the presented key
 ARGV[2]  the request's route: its raw path after "/v1/" (e.g. "chat/completions")
 ARGV[3]  the request body's model, as far as the caller read it: "" not read (the body is
-         parsed only for keys with model scopes), "!" read but no usable top-level "model",
-         "=" followed by the model
+         parsed only for keys with model scopes), "~" a bodyless request (GET, DELETE, … with
+         no body: nothing to check), "!" read but no usable top-level "model", "=" followed by
+         the model
 ARGV[4…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (requests per window)
 
 Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd (optional overrides,
 non-negative integers; anything else falls back to the plan), status (active | paused |
 revoked; empty = active), expires (unix s; empty = never; anything else = expired),
-requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]};
+requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]}; model scopes
+apply to requests with a body;
 absent = everything; unreadable = nothing), credits (absent or empty = unlimited; a whole
 number = the balance; anything else = none left).
 Record fields written on admission: last_used (unix s), requests (+1), credits (-1 if limited).
@@ -133,9 +135,13 @@ if rec[10] and rec[10] ~= '' then
   if #models > 0 then
     local state = ARGV[3]
     if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1} end
-    if string.sub(state, 1, 1) ~= '=' then return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1} end
-    if not model_allowed(models, string.sub(state, 2)) then
-      return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+    if state ~= '~' then
+      if string.sub(state, 1, 1) ~= '=' then
+        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+      end
+      if not model_allowed(models, string.sub(state, 2)) then
+        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+      end
     end
   end
 end

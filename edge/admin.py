@@ -1,0 +1,213 @@
+"""The admin API, `/admin/*`: key management over HTTP, a thin face over `store.py`.
+
+Mounted only when `admin.token` is set (otherwise `/admin/*` is the control plane's JSON 404).
+Every request carries `Authorization: Bearer <admin.token>`, compared in constant time. Each
+handler parses one validated request model (`key_specs`), calls one store function and renders
+the record; every answer, errors included, is JSON in OpenAI's error shape.
+
+    POST   /admin/keys                 create: 201, the record plus `key` (its only showing)
+    GET    /admin/keys                 ?owner=&status=&cursor=&limit= → {data, next_cursor}
+    GET    /admin/keys/{id}            one record
+    PATCH  /admin/keys/{id}            name, owner, plan, rpm, rpd, scopes, expires_at, credits
+    POST   /admin/keys/{id}/pause|resume|revoke
+    POST   /admin/keys/{id}/rotate     {grace_seconds} → the record plus the new `key`
+    POST   /admin/keys/{id}/credits    {delta}: atomic, never below 0
+    GET    /admin/plans                the plan table
+    GET    /admin/audit                ?cursor=&limit= → {data, next_cursor}, newest first
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+
+from edge import errors
+from edge.key_specs import CreditChange, KeyUpdate, ListQuery, NewKey, Rotation, explain
+from edge.records import KeyRecord
+from edge.scripts import RedisUnavailable
+from edge.settings import Settings
+from edge.store import Conflict, KeyNotFound, KeyStore, StoreError
+
+log = logging.getLogger("edge.admin")
+Spec = TypeVar("Spec", bound=BaseModel)
+Handler = Callable[[Request, KeyStore], Awaitable[Response]]
+MAX_BODY = 64 * 1024
+
+
+class AdminTokenInvalid(errors.EdgeError):
+    status, type, code = 401, "invalid_request_error", "invalid_admin_token"
+    message = "Incorrect admin token provided. Send it as 'Authorization: Bearer <admin.token>'."
+
+
+class Unprocessable(errors.EdgeError):
+    status, type, code = 422, "invalid_request_error", "invalid_value"
+
+
+class Conflicting(errors.EdgeError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class Invalid(StoreError):
+    """A request body or query that failed validation; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def json(value: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
+
+
+def record(rec: KeyRecord, status: int = 200, key: str | None = None) -> Response:
+    body = rec.to_dict()
+    return json({**body, "key": key} if key else body, status)
+
+
+class AdminApi:
+    """The `/admin` routes over one store; `token` is the admin token's value."""
+
+    def __init__(self, store: KeyStore, token: str) -> None:
+        self.store = store
+        self._token = token.encode()
+        self.router = Router(
+            routes=[
+                Route("/keys", self._wrap(create), methods=["POST"]),
+                Route("/keys", self._wrap(listing), methods=["GET"]),
+                Route("/keys/{id}", self._wrap(show), methods=["GET"]),
+                Route("/keys/{id}", self._wrap(update), methods=["PATCH"]),
+                Route("/keys/{id}/pause", self._wrap(status("paused")), methods=["POST"]),
+                Route("/keys/{id}/resume", self._wrap(status("active")), methods=["POST"]),
+                Route("/keys/{id}/revoke", self._wrap(status("revoked")), methods=["POST"]),
+                Route("/keys/{id}/rotate", self._wrap(rotate), methods=["POST"]),
+                Route("/keys/{id}/credits", self._wrap(credits), methods=["POST"]),
+                Route("/plans", self._wrap(plans), methods=["GET"]),
+                Route("/audit", self._wrap(audit), methods=["GET"]),
+            ]
+        )
+
+    def _wrap(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Admin auth, then the handler, with store and Redis errors as JSON answers."""
+
+        async def endpoint(request: Request) -> Response:
+            if not self._authorized(request):
+                return errors.error_response(AdminTokenInvalid())
+            try:
+                return await handler(request, self.store)
+            except errors.EdgeError as exc:  # Redis unavailable, too large
+                if isinstance(exc, RedisUnavailable):
+                    log.warning("admin API: Redis unavailable (%s): %s", exc.kind, exc.detail)
+                return errors.error_response(exc)
+            except Invalid as exc:
+                return errors.error_response(Unprocessable(str(exc), param=exc.param))
+            except KeyNotFound as exc:
+                return errors.error_response(errors.NotFound(str(exc)))
+            except Conflict as exc:
+                return errors.error_response(Conflicting(str(exc)))
+            except StoreError as exc:
+                return errors.error_response(Unprocessable(str(exc)))
+
+        return endpoint
+
+    def _authorized(self, request: Request) -> bool:
+        value = request.headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        presented = token.encode("utf-8", "replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self._token)
+
+
+def actor(request: Request) -> str:
+    client = request.client
+    return f"admin-api {client.host}" if client else "admin-api"
+
+
+async def body(request: Request, model: type[Spec], store: KeyStore) -> Spec:
+    """The request body as `model`; 413 past MAX_BODY, 422 naming the field otherwise."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise errors.PayloadTooLarge(f"The request body is larger than {MAX_BODY} bytes.")
+    try:
+        return model.model_validate_json(raw or b"{}", strict=True, context=store.plans)
+    except ValidationError as exc:
+        message, param = explain(exc)
+        raise Invalid(message, param) from None
+
+
+async def create(request: Request, store: KeyStore) -> Response:
+    key, rec = await store.create(await body(request, NewKey, store), actor(request))
+    return record(rec, 201, key)
+
+
+async def listing(request: Request, store: KeyStore) -> Response:
+    params: dict[str, Any] = dict(request.query_params)
+    if str(params.get("limit", "")).isdigit():
+        params["limit"] = int(params["limit"])
+    try:
+        query = ListQuery.model_validate(params)
+    except ValidationError as exc:
+        raise Invalid(*explain(exc)) from None
+    try:
+        page = await store.list_page(query.owner, query.status, query.cursor, query.limit)
+    except ValueError as exc:
+        raise Invalid(f"cursor: {exc}", "cursor") from None
+    data = [r.to_dict() for r in page.records]
+    return json({"object": "list", "data": data, "next_cursor": page.next_cursor})
+
+
+async def show(request: Request, store: KeyStore) -> Response:
+    return record(await store.get(request.path_params["id"]))
+
+
+async def update(request: Request, store: KeyStore) -> Response:
+    change = await body(request, KeyUpdate, store)
+    return record(await store.update(request.path_params["id"], change, actor(request)))
+
+
+def status(new: str) -> Handler:
+    async def handler(request: Request, store: KeyStore) -> Response:
+        return record(await store.set_status(request.path_params["id"], new, actor(request)))
+
+    return handler
+
+
+async def rotate(request: Request, store: KeyStore) -> Response:
+    rotation = await body(request, Rotation, store)
+    kid = request.path_params["id"]
+    key, rec = await store.rotate(kid, rotation.grace_seconds, actor(request))
+    return record(rec, 200, key)
+
+
+async def credits(request: Request, store: KeyStore) -> Response:
+    change = await body(request, CreditChange, store)
+    return record(await store.add_credits(request.path_params["id"], change.delta, actor(request)))
+
+
+async def plans(request: Request, store: KeyStore) -> Response:
+    rows = [{"plan": n, "rpm": p.rpm, "rpd": p.rpd} for n, p in store.settings.plans.items()]
+    return json({"object": "list", "data": rows})
+
+
+async def audit(request: Request, store: KeyStore) -> Response:
+    params = dict(request.query_params)
+    limit_text = params.get("limit", "50")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        raise Invalid("limit: must be a whole number from 1 to 1000", "limit")
+    try:
+        entries, cursor = await store.audit.page(params.get("cursor"), int(limit_text))
+    except ValueError as exc:
+        raise Invalid(f"cursor: {exc}", "cursor") from None
+    return json({"object": "list", "data": entries, "next_cursor": cursor})
+
+
+def admin_enabled(settings: Settings) -> bool:
+    return bool(settings.admin.token.get_secret_value())
