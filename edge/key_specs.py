@@ -20,7 +20,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 MAX_SECONDS = 100 * 365 * 86_400  # expiry, grace: whole seconds up to 100 years
@@ -98,11 +97,12 @@ class NewKey(_Spec):
     def _plan(cls, plan: str, info: ValidationInfo) -> str:
         return _known_plan(plan, info)
 
-    @model_validator(mode="after")
-    def _one_expiry(self) -> NewKey:
-        if self.expires_in is not None and self.expires_at is not None:
+    @field_validator("expires_at")
+    @classmethod
+    def _one_expiry(cls, expires_at: int | None, info: ValidationInfo) -> int | None:
+        if expires_at is not None and info.data.get("expires_in") is not None:
             raise ValueError("give expires_in or expires_at, not both")
-        return self
+        return expires_at
 
 
 class KeyUpdate(_Spec):
