@@ -53,11 +53,14 @@ def test_route_scopes(
     edge: EdgeProcess, upstream: FakeUpstream, make_key: MakeKey, r: redis.Redis
 ) -> None:
     key, kid = scoped_key(make_key, r, routes=["embeddings", "models"])
+    forbidden = {"plan": "pro", "outcome": "forbidden"}
+    before = value(scrape(edge.url), "edge_requests_total", **forbidden)
     with httpx.Client(base_url=edge.url, headers=auth(key), timeout=10) as client:
         for path in ("/v1/chat/completions", "/v1/files", "/v1/embeddingsX", "/v1/modelsx/a"):
             assert_error(client.post(path), 403, "permission_error", "insufficient_permissions")
         assert upstream.records == []
         assert r.exists(*bucket_keys(kid)) == 0  # nothing charged
+        assert value(scrape(edge.url), "edge_requests_total", **forbidden) == before + 4
         assert client.get("/v1/models").status_code == 200
         assert client.get("/v1/models/gpt-4o").status_code == 200
         assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200
