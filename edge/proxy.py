@@ -45,10 +45,9 @@ from edge.policy import (
     upstream_url,
 )
 from edge.scripts import RedisUnavailable
+from edge.upstream import NEVER_SENT, KidHints, body_was_reset, describe
 
 if TYPE_CHECKING:
-    from aiohttp.client_proto import ResponseHandler
-
     from edge.runtime import Runtime
 
 log = logging.getLogger("edge.proxy")
@@ -59,27 +58,6 @@ NO_KEY = (
 )
 STARTING = errors.ServiceUnavailable("The server is not ready yet: edge is starting up.")
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
-# Failures that prove the upstream never received the request: its credit is refunded.
-NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-
-
-class KidHints:
-    """A bounded set of key ids (kids) with a property worth remembering between requests."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self.size = size
-        self._kids: dict[str, None] = {}
-
-    def __contains__(self, kid: str) -> bool:
-        return kid in self._kids
-
-    def note(self, kid: str, present: bool) -> None:
-        if not present:
-            self._kids.pop(kid, None)
-            return
-        if len(self._kids) >= self.size:
-            del self._kids[next(iter(self._kids))]  # the oldest
-        self._kids[kid] = None
 
 
 class Proxy:
@@ -241,7 +219,7 @@ class Proxy:
         try:
             while chunk := await content.readany():
                 if content.at_eof():  # the last chunk: send it as the end of the body
-                    if _reset(protocol, resp):
+                    if body_was_reset(protocol, resp):
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         break
                     ex.stop()
@@ -250,14 +228,14 @@ class Proxy:
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
-                if not _reset(protocol, resp):
+                if not body_was_reset(protocol, resp):
                     ex.stop()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     resp.release()
                     return
             self._cut(ex, "the upstream reset the connection")
         except (TimeoutError, aiohttp.ClientError) as exc:
-            self._cut(ex, _describe(exc))
+            self._cut(ex, describe(exc))
 
     async def _refund(self, rt: Runtime, kid: str) -> None:
         """The upstream never got the request: give its credit back (DESIGN §5)."""
@@ -275,9 +253,9 @@ class Proxy:
 
     def _upstream_error(self, exc: Exception) -> errors.EdgeError:
         if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts included
-            self._log_throttled("upstream-timeout", "upstream timed out: %s", _describe(exc))
+            self._log_throttled("upstream-timeout", "upstream timed out: %s", describe(exc))
             return errors.UpstreamTimeout()
-        self._log_throttled("upstream-error", "upstream unreachable: %s", _describe(exc))
+        self._log_throttled("upstream-error", "upstream unreachable: %s", describe(exc))
         return errors.UpstreamUnreachable()
 
     def _log_throttled(self, key: str, msg: str, *args: object) -> None:
@@ -285,29 +263,3 @@ class Proxy:
         if ok:
             suffix = f" ({suppressed} more since the last line)" if suppressed else ""
             log.warning(msg + suffix, *args)
-
-
-def _reset(protocol: ResponseHandler | None, resp: aiohttp.ClientResponse) -> bool:
-    """Whether a body that just ended was cut by a connection reset.
-
-    Only a body without length framing (no Content-Length, not chunked) can end that way
-    unnoticed: it ends when the connection does, and aiohttp ends it normally either way. It
-    does record why the connection was lost: `ServerDisconnectedError` for a clean close, the
-    OS error (e.g. ECONNRESET) otherwise. tests/test_upstream_faults_e2e.py holds edge to
-    this, so an aiohttp change shows up there.
-    """
-    if protocol is None:
-        return False
-    exc = protocol.exception()  # None while the connection lives: the common, framed case
-    if exc is None or isinstance(exc, aiohttp.ServerDisconnectedError):
-        return False
-    return (
-        resp.content_length is None
-        and "chunked" not in resp.headers.get("Transfer-Encoding", "").lower()
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception's class and message, without a URL's query string."""
-    text = str(exc).split("?", 1)[0]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -21,8 +21,9 @@ from edge.limiter import Limiter
 from edge.metrics import Metrics
 from edge.redis_types import ScriptClient
 from edge.scripts import Scripts
-from edge.settings import Settings, UpstreamSettings
+from edge.settings import Settings
 from edge.store import KeyStore
+from edge.upstream import upstream_session
 
 log = logging.getLogger("edge")
 
@@ -40,36 +41,6 @@ class Runtime:
     key_format: KeyFormat
     store: KeyStore
     demo_key: str | None = None
-
-
-def upstream_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
-    """The one pooled upstream client (DESIGN §6, STYLE item 6).
-
-    Bytes pass untouched (no decompression), no cookies are kept between users, no redirects
-    are followed, and aiohttp adds no User-Agent, Accept, Accept-Encoding or Content-Type of its
-    own. `connect` bounds the wait for a pool slot plus the TCP/TLS connect; `sock_read` bounds
-    each read, so a long stream may last as long as it keeps sending.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=settings.max_connections,
-        limit_per_host=0,
-        ttl_dns_cache=60,
-        keepalive_timeout=30,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=settings.connect_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        trust_env=False,
-    )
 
 
 @contextlib.asynccontextmanager
