@@ -14,6 +14,7 @@ the record; every answer, errors included, is JSON in OpenAI's error shape.
     POST   /admin/keys/{id}/credits    {delta}: atomic, never below 0
     GET    /admin/plans                the plan table
     GET    /admin/audit                ?cursor=&limit= → {data, next_cursor}, newest first
+    GET    /admin/                     the dashboard (static files from edge/admin_ui)
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
+from starlette.routing import Mount, Route, Router
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
 from edge.key_specs import CreditChange, KeyUpdate, ListQuery, NewKey, Rotation, explain
@@ -91,8 +95,12 @@ class AdminApi:
                 Route("/keys/{id}/credits", self._wrap(credits), methods=["POST"]),
                 Route("/plans", self._wrap(plans), methods=["GET"]),
                 Route("/audit", self._wrap(audit), methods=["GET"]),
+                # the dashboard: static, public; everything it shows comes from the API above
+                Route("/", dashboard, methods=["GET", "HEAD"]),
+                Mount("/ui", app=StaticFiles(packages=[("edge", "admin_ui")])),
             ]
         )
+        self.app = SecurityHeaders(self.router)
 
     def _wrap(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """Admin auth, then the handler, with store and Redis errors as JSON answers."""
@@ -122,6 +130,44 @@ class AdminApi:
         scheme, _, token = value.partition(" ")
         presented = token.encode("utf-8", "replace")
         return scheme.lower() == "bearer" and hmac.compare_digest(presented, self._token)
+
+
+# Every /admin answer: the dashboard runs only its own files (no inline script, no framing),
+# and nothing from the admin plane is cached or leaks a referrer.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        b"frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response of the wrapped ASGI app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.inner = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                kept = [(n, v) for n, v in message.get("headers", []) if n not in names]
+                message["headers"] = kept + SECURITY_HEADERS
+            await send(message)
+
+        await self.inner(scope, receive, with_headers)
+
+
+async def dashboard(request: Request) -> Response:
+    page = resources.files("edge").joinpath("admin_ui", "index.html").read_bytes()
+    return Response(page, media_type="text/html; charset=utf-8")
 
 
 def actor(request: Request) -> str:

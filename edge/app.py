@@ -90,7 +90,7 @@ class Edge:
             self.control.state.runtime = rt
             if admin_enabled(self.settings):
                 token = self.settings.admin.token.get_secret_value()
-                self.admin.app = AdminApi(rt.store, token).router
+                self.admin.app = AdminApi(rt.store, token).app
             if self.on_ready is not None:
                 await self.on_ready(rt)
             yield

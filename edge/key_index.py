@@ -1,15 +1,15 @@
 """The listing index: every key in creation order, for cursor pages that stay stable.
 
-`edge:keys` is a sorted set whose members are `<created:011d>:<kid>` (all scored 0, so Redis
-orders them by text: by creation time, then id). A page is one ZRANGEBYLEX from just past the
-cursor, which is the last member the previous page examined: keys created or revoked while a
-client pages neither repeat nor skip others, and the set is one key, so this holds on a Redis
-Cluster as well (SCAN's cursors are per node and may repeat). Each owner has the same kind of
-set (`owners.keys_key`) for listing by owner.
+`edge:keys` is a sorted set whose members are `<created µs:016d>:<kid>` (all scored 0, so
+Redis orders them by text: by creation time in Redis microseconds). A page is one ZRANGEBYLEX
+from just past the cursor, which is the last member the previous page examined: keys created
+or revoked while a client pages neither repeat nor skip others, and the set is one key, so
+this holds on a Redis Cluster as well (SCAN's cursors are per node and may repeat). Each owner
+has the same kind of set (`owners.keys_key`) for listing by owner.
 
 The index entry is written before the record, so a failure in between leaves an entry without
 a record (skipped when listing, and removed once old) rather than a key no listing shows.
-Records from before the index are added once, by `ensure`, marked by `edge:keys:indexed`.
+Records from before the index are added once, by `ensure`, marked by `edge:keys:indexed:v2`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ from edge.redis_types import StoreClient
 from edge.scripts import redis_errors
 
 INDEX = "edge:keys"
-INDEXED = "edge:keys:indexed"
-MEMBER = re.compile(r"^\d{11}:[0-9A-Za-z]{12}$")
+INDEXED = "edge:keys:indexed:v2"
+MEMBER = re.compile(r"^\d{16}:[0-9A-Za-z]{12}$")
 
 
-def member(created: int, kid: str) -> str:
-    return f"{created:011d}:{kid}"
+def member(created_us: int, kid: str) -> str:
+    """The listing member of `kid`, created at `created_us` (Redis time, microseconds)."""
+    return f"{created_us:016d}:{kid}"
+
+
+def member_seconds(value: str) -> int:
+    """The creation time of a member, in whole seconds."""
+    return int(value[:16]) // 1_000_000
 
 
 def member_kid(value: str | bytes) -> str:
@@ -67,19 +73,23 @@ async def page(
 
 
 async def ensure(client: StoreClient) -> None:
-    """Index the records written before the index existed (once per Redis)."""
+    """Index the records written before the index existed (once per Redis); records already
+    indexed (by `store.create`) are left as they are."""
     with redis_errors("indexing keys"):
         if await client.exists(INDEXED):
             return
         from edge.owners import keys_key, live_key  # owners imports this module's users
 
+        indexed = {member_kid(m) for m in await client.zrange(INDEX, 0, -1)}
         async for name in client.scan_iter(match=RECORD_PATTERN, count=1000):
             kid = kid_of(name)
-            fields = text_fields(await client.hgetall(name)) if kid else {}
-            if not kid or "hash" not in fields:
+            if not kid or kid in indexed:
+                continue
+            fields = text_fields(await client.hgetall(name))
+            if "hash" not in fields:
                 continue
             created = int(fields["created"]) if fields.get("created", "").isdigit() else 0
-            entry = member(created, kid)
+            entry = member(created * 1_000_000, kid)
             await client.zadd(INDEX, {entry: 0})
             owner = fields.get("owner", "")
             if owner:

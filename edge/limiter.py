@@ -7,6 +7,7 @@ headers are plain functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from functools import lru_cache
@@ -68,6 +69,20 @@ def decode(reply: Sequence[Any]) -> Decision:
         return Decision(code, plan)
     n = [int(v) for v in reply[2:11]]
     return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], bool(n[8]))
+
+
+def bucket_used(cap: int, tokens: float | None, ts: float | None, now_ms: int, window: int) -> int:
+    """Whole requests a bucket holds back right now (capacity minus its level), read as
+    admit.lua reads it: a missing or unreadable bucket is full, refill is continuous."""
+    if cap <= 0 or tokens is None or ts is None or tokens != tokens or ts != ts:
+        return 0
+    level = min(max(tokens, 0.0), cap)
+    if now_ms > ts:
+        level = min(cap, level + (now_ms - min(ts, now_ms + window)) * cap / window)
+    return max(0, min(cap, math.ceil(cap - level - 1e-9)))
+
+
+DAY_MS = 86_400_000
 
 
 def model_state(model: str | None) -> str:

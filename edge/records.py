@@ -33,6 +33,7 @@ class KeyRecord:
     scopes: dict[str, Any] | None  # {"routes": [...], "models": [...]}; None: no restriction
     rotated: int | None
     previous_key_valid_until: int | None
+    day_used: int = 0  # requests the day bucket holds back now: "today" against rpd
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

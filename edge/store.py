@@ -8,6 +8,7 @@ the value `create` and `rotate` return, once. Inputs arrive as validated `key_sp
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any, NamedTuple
@@ -17,7 +18,8 @@ import orjson
 from edge import key_index
 from edge.audit import Audit
 from edge.key_specs import KeyUpdate, NewKey, Scopes, changed_fields
-from edge.keys import KID_LEN, key_hash, make_key, new_kid, record_key
+from edge.keys import KID_LEN, bucket_keys, key_hash, make_key, new_kid, record_key
+from edge.limiter import DAY_MS, bucket_used
 from edge.owners import STALE_SECONDS, Owners, keys_key
 from edge.records import KeyRecord, decode_record
 from edge.redis_types import StoreClient
@@ -48,6 +50,13 @@ def check_kid(kid: str) -> str:
     if not KID.match(kid):
         raise KeyNotFound(f"no key with id {kid!r}")
     return kid
+
+
+def _number(value: bytes | str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _scopes_field(scopes: Scopes | None) -> str:
@@ -85,8 +94,9 @@ class KeyStore:
             kid = new_kid()
             key = make_key(self.settings.keys.prefix, kid)
             with redis_errors("creating a key"):
-                created = int((await self.client.time())[0])
-            entry = key_index.member(created, kid)
+                seconds, micros = await self.client.time()
+            created = int(seconds)
+            entry = key_index.member(created * 1_000_000 + int(micros), kid)
             if spec.owner and not await self.owners.reserve(spec.owner, kid, entry):
                 raise Conflict(
                     f"owner {spec.owner!r} already has {self.owners.cap} keys that are not "
@@ -104,11 +114,10 @@ class KeyStore:
         raise StoreError("could not allocate a key id")
 
     async def get(self, kid: str) -> KeyRecord:
-        with redis_errors("reading a key"):
-            raw = await self.client.hgetall(record_key(check_kid(kid)))
-        if not raw or (b"hash" not in raw and "hash" not in raw):
+        [record] = await self._records([check_kid(kid)])
+        if record is None:
             raise KeyNotFound(f"no key with id {kid!r}")
-        return decode_record(kid, raw, self.settings)
+        return record
 
     async def list_page(
         self,
@@ -142,22 +151,34 @@ class KeyStore:
                 return Page(records, None)
 
     async def _records(self, kids: list[str]) -> list[KeyRecord | None]:
-        """The records of `kids`, in one pipelined round trip (per node on a cluster)."""
+        """The records of `kids` with their day usage, in one pipelined round trip (per node
+        on a cluster); None for a kid without a record."""
         if not kids:
             return []
         with redis_errors("reading keys"):
+            now = await self.client.time()
             pipe = self.client.pipeline(transaction=False)
             for kid in kids:
                 pipe.hgetall(record_key(kid))
-            raws = await pipe.execute()
-        return [
-            decode_record(kid, raw, self.settings) if raw else None
-            for kid, raw in zip(kids, raws, strict=True)
-        ]
+                pipe.hmget(bucket_keys(kid)[1], "tokens", "ts")
+            replies = await pipe.execute()
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        out: list[KeyRecord | None] = []
+        for i, kid in enumerate(kids):
+            raw, bucket = replies[2 * i], replies[2 * i + 1]
+            if not raw or (b"hash" not in raw and "hash" not in raw):
+                out.append(None)
+                continue
+            record = decode_record(kid, raw, self.settings)
+            used = bucket_used(
+                record.rpd or 0, _number(bucket[0]), _number(bucket[1]), now_ms, DAY_MS
+            )
+            out.append(dataclasses.replace(record, day_used=used))
+        return out
 
     async def _drop_dangling(self, index: str, entries: list[str]) -> None:
         """Index entries whose record never came (a create that failed half-way), once old."""
-        old = [e for e in entries if int(e[:11]) < time.time() - STALE_SECONDS]
+        old = [e for e in entries if key_index.member_seconds(e) < time.time() - STALE_SECONDS]
         if old:
             with redis_errors("cleaning the key index"):
                 await self.client.zrem(index, *old)
@@ -189,7 +210,7 @@ class KeyStore:
         if "scopes" in changes:
             pairs += ["scopes", _scopes_field(change.scopes)]
         moving = "owner" in changes and change.owner != before.owner
-        entry = key_index.member(before.created or 0, kid)
+        entry = await self._entry(kid, before.created or 0)
         reserve = moving and change.owner and before.status != "revoked"
         if reserve and not await self.owners.reserve(change.owner or "", kid, entry):
             raise Conflict(
@@ -206,6 +227,17 @@ class KeyStore:
         record = await self.get(kid)
         await self.audit.record("update", kid, record.owner, actor, changes)
         return record
+
+    async def _entry(self, kid: str, created: int) -> str:
+        """The key's listing member as indexed (its microseconds are not in the record)."""
+        with redis_errors("reading the key index"):
+            for candidate in await self.client.zrangebylex(
+                key_index.INDEX, f"[{created:010d}", f"({created + 1:010d}"
+            ):
+                text = candidate.decode() if isinstance(candidate, bytes) else candidate
+                if text.endswith(":" + kid):
+                    return str(text)
+        return key_index.member(created * 1_000_000, kid)
 
     async def set_limits(self, kid: str, rpm: int | None, rpd: int | None, actor: str) -> KeyRecord:
         """Per-key overrides; -1 clears one (back to the plan's value), None leaves it."""

@@ -5,7 +5,7 @@
 set -euo pipefail
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
-  wanted=(redis-server=redis-server redis-cli=redis-tools openssl=openssl)
+  wanted=(redis-server=redis-server redis-cli=redis-tools openssl=openssl chromium=chromium)
 fi
 missing=()
 for pair in "${wanted[@]}"; do

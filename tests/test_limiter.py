@@ -6,6 +6,7 @@ from edge import errors
 from edge.limiter import (
     Code,
     Decision,
+    bucket_used,
     decode,
     go_duration,
     plan_args,
@@ -99,3 +100,17 @@ def test_rejections_map_to_error_outcome_and_headers() -> None:
     assert dict(minute_answer.headers)[b"retry-after"] == b"3"
     assert "per day (RPD): Limit 1000" in rejection(day).error.message
     assert rejection(Decision(Code.PLAN_MISSING, "gold")).error.code == "config_error"
+
+
+def test_bucket_used_reads_the_bucket_as_admit_lua_does() -> None:
+    day = 86_400_000
+    now = 10_000_000
+    assert bucket_used(1000, None, None, now, day) == 0  # no bucket: full
+    assert bucket_used(1000, 997.0, now, now, day) == 3
+    assert bucket_used(1000, 997.0, now - 100, now, day) == 3  # a hair of refill: still 3
+    assert bucket_used(1000, 997.0, now - 86_400, now, day) == 2  # one request's refill
+    assert bucket_used(1000, 0.0, now - day, now, day) == 0  # a whole day: full again
+    assert bucket_used(1000, -5.0, now, now, day) == 1000
+    assert bucket_used(1000, float("nan"), now, now, day) == 0
+    assert bucket_used(0, 0.0, now, now, day) == 0
+    assert bucket_used(10, 5.0, now + day * 5, now, day) == 5  # future stamp: no refill

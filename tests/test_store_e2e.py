@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import redis
 
-from edge.keys import record_key
+from edge.keys import key_hash, make_key, new_kid, record_key
 from tests.support.edge_process import EdgeProcess, auth
-from tests.support.keys import store_call
+from tests.support.keys import new_key, store_call
 from tests.support.redis_server import RedisServer
 
 
@@ -57,3 +57,24 @@ def test_admission_records_last_used_and_request_count(
     assert after.requests == 2  # rejections are not counted
     assert after.last_used is not None
     assert abs(after.last_used - int(r.time()[0])) <= 5
+
+
+def test_first_listing_indexes_old_records_once(redis_factory) -> None:
+    """Records from before the listing index are indexed by the first listing; keys the store
+    created (already indexed) are not added a second time."""
+    server = redis_factory()
+    made = [new_key(server.url, "free", owner="idx") for _ in range(3)]
+    legacy_kid = new_kid()
+    legacy = make_key("gw_sk_", legacy_kid)
+    client = server.client()
+    client.hset(
+        record_key(legacy_kid),
+        mapping={"hash": key_hash(legacy), "plan": "free", "owner": "idx", "created": 1},
+    )
+    client.close()
+    everyone = store_call(server.url, lambda s: s.all_keys())
+    ids = [r.id for r in everyone]
+    assert sorted(ids) == sorted([rec.id for _, rec in made] + [legacy_kid])
+    assert ids[0] == legacy_kid  # oldest first: created at 1
+    mine = store_call(server.url, lambda s: s.all_keys("idx"))
+    assert len(mine) == 4

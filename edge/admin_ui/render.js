@@ -1,0 +1,112 @@
+// DOM building for the dashboard. Every value from the server is set with textContent (or as
+// a form control's value), never as HTML, so a key named `<img onerror=…>` is just text.
+
+const relative = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
+const STEPS = [
+  ["year", 31536000], ["month", 2592000], ["day", 86400],
+  ["hour", 3600], ["minute", 60], ["second", 1],
+];
+
+export function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+export function ago(unixSeconds) {
+  if (!unixSeconds) return "never";
+  const delta = unixSeconds - Date.now() / 1000;
+  for (const [unit, size] of STEPS) {
+    if (Math.abs(delta) >= size || unit === "second") {
+      return relative.format(Math.round(delta / size), unit);
+    }
+  }
+  return "now";
+}
+
+export function isoTime(unixSeconds) {
+  return new Date(unixSeconds * 1000).toISOString().replace(".000Z", "Z");
+}
+
+function cell(text, title) {
+  const td = el("td", text);
+  if (title) td.title = title;
+  return td;
+}
+
+function limitCell(effective, override) {
+  const td = cell(effective ?? "—");
+  if (override !== null && override !== undefined) {
+    td.append(el("span", " (key)", "note"));
+  }
+  return td;
+}
+
+function todayCell(rec) {
+  const td = el("td");
+  if (!rec.rpd) return cell("—");
+  const used = Math.max(0, Math.min(rec.day_used ?? 0, rec.rpd));
+  const bar = el("progress");
+  bar.max = rec.rpd;
+  bar.value = used;
+  bar.setAttribute("aria-label", `${used} of ${rec.rpd} requests today`);
+  td.append(bar, el("span", ` ${used}/${rec.rpd}`, "note"));
+  return td;
+}
+
+function button(label, onClick) {
+  const b = el("button", label);
+  b.type = "button";
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// One <tr> for a key record; `on` maps an action name to its handler (record → void).
+export function keyRow(rec, on) {
+  const tr = el("tr");
+  tr.dataset.id = rec.id;
+  if (rec.status === "revoked") tr.className = "revoked";
+  const id = el("td");
+  id.append(el("code", rec.id));
+  const expires = rec.expires === null ? "never" : isoTime(rec.expires).slice(0, 16);
+  tr.append(
+    id,
+    cell(rec.name),
+    cell(rec.owner),
+    cell(rec.plan),
+    cell(rec.status),
+    limitCell(rec.rpm, rec.rpm_override),
+    limitCell(rec.rpd, rec.rpd_override),
+    cell(rec.requests),
+    todayCell(rec),
+    cell(ago(rec.last_used), rec.last_used ? isoTime(rec.last_used) : ""),
+    cell(rec.credits === null ? "unlimited" : rec.credits),
+    cell(expires),
+  );
+  const actions = el("td", null, "row-actions");
+  if (rec.status !== "revoked") {
+    const pausing = rec.status === "active";
+    actions.append(
+      button(pausing ? "Pause" : "Resume", () => on[pausing ? "pause" : "resume"](rec)),
+      button("Rotate", () => on.rotate(rec)),
+      button("Edit", () => on.edit(rec)),
+      button("Revoke", () => on.revoke(rec)),
+    );
+  } else {
+    actions.append(el("span", "revoked", "note"));
+  }
+  tr.append(actions);
+  return tr;
+}
+
+export function planRow(plan) {
+  const tr = el("tr");
+  tr.append(cell(plan.plan), cell(plan.rpm), cell(plan.rpd));
+  return tr;
+}
+
+export function showError(node, message) {
+  node.textContent = message || "";
+  node.hidden = !message;
+}
