@@ -127,10 +127,14 @@ function showKey(key) {
   field.select();
 }
 
-$("key-dialog").addEventListener("close", () => {
+function wipeKey() {
   $("new-key-value").value = "";
   $("copy-status").textContent = "";
-});
+}
+
+// Close wipes the key before the dialog goes; Escape closes it too, and the close event wipes.
+$("close-key").addEventListener("click", wipeKey);
+$("key-dialog").addEventListener("close", wipeKey);
 
 $("copy-key").addEventListener("click", async () => {
   const field = $("new-key-value");
