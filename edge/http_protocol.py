@@ -1,24 +1,190 @@
-"""edge's HTTP/1.1 server protocol: uvicorn's httptools protocol, speaking edge's JSON.
+"""edge's HTTP/1.1 server protocol: uvicorn's httptools protocol, with the limits it lacks and
+edge's JSON for the answers it gives itself.
 
-uvicorn answers a request it cannot parse (Content-Length with chunked, a bad chunk, an
-obs-folded header: the request-smuggling probes) with a text/plain 400 of its own. Every answer
-edge gives is JSON (DESIGN §5), so this subclass renders that 400 in OpenAI's error shape; the
-connection still closes after it, and nothing reaches the app or the upstream.
+uvicorn (with httptools) puts no bound on a request's headers: httptools accumulates a header's
+value however long it grows, any number of headers is accepted, a client may take forever to
+send them, and a new connection that sends nothing is never closed. This subclass adds, per
+connection, before anything reaches the app (so before Redis or the upstream):
+
+- `server.max_header_bytes`: the request head (request line and headers) is measured as bytes
+  arrive, so memory stays bounded: past the limit, 431 and close;
+- `server.max_headers`: more header fields than this, 431 and close;
+- `server.header_timeout`: a request head not complete this long after its first byte (or
+  after the connection opened) gets 408 and close (or just close, if nothing came);
+- `server.max_connections`: connections beyond the cap get 503 and close at once.
+
+uvicorn's own answer to a request it cannot parse (the smuggling probes: Content-Length with
+chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from edge.errors import BadRequest
+from edge import errors
+from edge.settings import ServerSettings
 
-INVALID_REQUEST = BadRequest("Invalid HTTP request received.", code="invalid_http_request")
+log = logging.getLogger("edge.http")
+HEAD_END = b"\r\n\r\n"
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+INVALID_REQUEST = errors.BadRequest("Invalid HTTP request received.", code="invalid_http_request")
+
+
+class HeadersTooLarge(errors.EdgeError):
+    status, type, code = 431, "invalid_request_error", "request_header_fields_too_large"
+
+
+class RequestTimeout(errors.EdgeError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+    message = "The request headers did not arrive in time."
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int
+    max_headers: int
+    header_timeout: float
+    max_connections: int  # 0: no cap
+
+    @classmethod
+    def of(cls, server: ServerSettings) -> Limits:
+        return cls(
+            server.max_header_bytes,
+            server.max_headers,
+            server.header_timeout,
+            server.max_connections,
+        )
+
+
+def protocol_class(limits: Limits) -> type[EdgeHttpToolsProtocol]:
+    """The protocol class uvicorn instantiates per connection, with these limits."""
+    return type("EdgeHttpToolsProtocol", (EdgeHttpToolsProtocol,), {"limits": limits})
 
 
 class EdgeHttpToolsProtocol(HttpToolsProtocol):
+    limits = Limits(16 * 1024, 100, 10.0, 0)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # the bytes arriving belong to a request head
+        self._head_bytes = 0  # of the current head, so far
+        self._tail = b""  # its last 3 bytes, to find a terminator split across reads
+        self._header_count = 0
+        self._header_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        cap = self.limits.max_connections
+        if cap and len(self.connections) > cap:
+            self._refuse(errors.ServiceUnavailable("Too many open connections; try again."))
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head and not self._head_fits(data):
+            self._refuse(self._too_large())
+            return
+        super().data_received(data)
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Count `data` against the head budget; False once the head is over it."""
+        if self._head_timer is None:
+            self._arm_head_timer()  # the first byte of a request on a kept-alive connection
+        window = self._tail + data
+        end = window.find(HEAD_END)
+        if end >= 0:
+            size = self._head_bytes - len(self._tail) + end + len(HEAD_END)
+            self._head_bytes, self._tail = 0, b""
+        else:
+            size = self._head_bytes + len(data)
+            self._head_bytes, self._tail = size, window[-3:]
+        return size <= self.limits.max_header_bytes
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
+        if self._header_count > self.limits.max_headers:
+            self._refuse(
+                HeadersTooLarge(f"More than {self.limits.max_headers} request header fields.")
+            )
+            return
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(self._too_large())
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_bytes, self._tail = True, 0, b""
+        self._header_count = self._header_bytes = 0
+        super().on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def send_400_response(self, msg: str) -> None:
-        body = INVALID_REQUEST.body()
-        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        self._refuse(INVALID_REQUEST)
+
+    def _too_large(self) -> errors.EdgeError:
+        return HeadersTooLarge(
+            f"The request headers are larger than {self.limits.max_header_bytes} bytes."
+        )
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes or self._tail:
+            self._refuse(RequestTimeout())
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
+
+    def _refuse(self, err: errors.EdgeError) -> None:
+        """Answer `err` in edge's JSON and close, unless a response has already started (then
+        just close: its bytes must not be interleaved)."""
+        self._refused = True
+        self._disarm_head_timer()
+        log.debug("refused a connection: %s %s", err.status, err.code)
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
+        body = err.body()
+        content = [b"HTTP/1.1 %d %s\r\n" % (err.status, REASONS.get(err.status, b"Error"))]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend(

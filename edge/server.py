@@ -17,7 +17,7 @@ import uvicorn
 
 from edge import logs
 from edge.app import create_app
-from edge.http_protocol import EdgeHttpToolsProtocol
+from edge.http_protocol import Limits, protocol_class
 from edge.key_specs import NewKey
 from edge.runtime import Runtime
 from edge.settings import Settings
@@ -80,7 +80,7 @@ def uvicorn_config(settings: Settings, demo_key: bool = False) -> uvicorn.Config
         host=s.host,
         port=s.port,
         loop="uvloop",
-        http=EdgeHttpToolsProtocol,
+        http=protocol_class(Limits.of(s)),
         ws="none",  # edge proxies HTTP only; an Upgrade request is served as plain HTTP
         lifespan="on",
         access_log=False,

@@ -57,6 +57,10 @@ class ServerSettings(_Section):
     host: Annotated[str, StringConstraints(min_length=1)] = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Field(gt=0, le=2**40)] = 32 * 1024 * 1024
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024
+    max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
+    header_timeout: Seconds = 10.0  # a request head must arrive within this
+    max_connections: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # 0: no cap
     # uvicorn takes these as delays; below a second they would only cause churn.
     keepalive_timeout: Annotated[Seconds, Field(ge=1)] = 75.0
     drain_timeout: Annotated[Seconds, Field(ge=1)] = 30.0
