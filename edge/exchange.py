@@ -9,9 +9,10 @@ freed, and the provider stops generating.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from time import perf_counter
-from typing import Any
+from typing import IO, Any
 
 from edge import errors
 from edge.errors import Headers
@@ -24,6 +25,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
+SPOOL_IN_MEMORY = 1024 * 1024  # a spooled chunked body beyond this goes to a temporary file
+SPOOL_READ = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -46,6 +49,7 @@ class Exchange:
         "receive",
         "scope",
         "send",
+        "spooled_length",
         "start",
         "started",
         "task",
@@ -71,6 +75,7 @@ class Exchange:
         self.client_gone = False
         self.too_large = False
         self.early_body: bytes | None = None  # read whole before admission (model scopes)
+        self.spooled_length: int | None = None  # a chunked body's size, once spooled
 
     @property
     def method(self) -> str:
@@ -86,12 +91,12 @@ class Exchange:
         headers = self.rate_headers + extra if extra else self.rate_headers
         await errors.send_error(self.send, err, headers)
 
-    async def read_body(self, max_body: int) -> bytes:
+    async def read_body(self, max_body: int, framed: bool) -> bytes:
         """The whole body, read now (at most `max_body` bytes) and kept for the upstream: only
         for keys whose model scopes need the body's `model` before admission."""
         if self.early_body is None:
             parts = []
-            data = await self.request_body(max_body)
+            data = await self.request_body(max_body, framed)
             if isinstance(data, bytes):
                 parts.append(data)
             elif data is not None:
@@ -99,10 +104,18 @@ class Exchange:
             self.early_body = b"".join(parts)
         return self.early_body
 
-    async def request_body(self, max_body: int) -> bytes | AsyncIterator[bytes] | None:
-        """The body to send upstream: bytes when it came in one message (or was read early),
-        else a stream that enforces `max_body`; None when there is none. Raises ClientGone or
-        BodyTooLarge."""
+    async def request_body(
+        self, max_body: int, framed: bool
+    ) -> bytes | AsyncIterator[bytes] | None:
+        """The body to send upstream, or None when there is none. Raises ClientGone or
+        BodyTooLarge.
+
+        One message (or a body read early): bytes. A body with a Content-Length (`framed`,
+        already checked against `max_body`): streamed up as it arrives. A chunked body, whose
+        size nobody knows in advance: spooled (memory, then a temporary file) until it ends or
+        crosses `max_body`, so an oversized one is refused before the upstream sees a byte;
+        then sent with its length (`spooled_length`).
+        """
         if self.early_body is not None:
             return self.early_body if self.early_body or self.method not in BODYLESS else None
         first = await self.receive()
@@ -114,7 +127,7 @@ class Exchange:
             self.too_large = True
             raise BodyTooLarge
         if first.get("more_body", False):
-            return self._upload(body, max_body)
+            return self._upload(body, max_body) if framed else await self._spool(body, max_body)
         self.watch()
         return body if body or self.method not in BODYLESS else None
 
@@ -137,6 +150,21 @@ class Exchange:
             if not msg.get("more_body", False):
                 break
         self.watch()
+
+    async def _spool(self, first: bytes, max_body: int) -> bytes | AsyncIterator[bytes]:
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
+        try:
+            async for chunk in self._upload(first, max_body):
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        self.spooled_length = spool.tell()
+        spool.seek(0)
+        if self.spooled_length <= SPOOL_IN_MEMORY:
+            with spool:
+                return spool.read()
+        return _unspool(spool)
 
     def watch(self) -> None:
         """Start waiting for the client to go away; called once the body is fully read.
@@ -165,3 +193,10 @@ class Exchange:
             self.timer.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
+
+
+async def _unspool(spool: IO[bytes]) -> AsyncIterator[bytes]:
+    """A spooled body, read back in pieces; the file goes away however the upload ends."""
+    with spool:
+        while piece := spool.read(SPOOL_READ):
+            yield piece

@@ -40,6 +40,7 @@ class Code(IntEnum):
 
 
 UNLIMITED = -1
+SCOPED_MODELS, SCOPED_ROUTES = 1, 2
 MODEL_NOT_READ = ""
 MODEL_MISSING = "!"
 NO_BODY = "~"  # a bodyless request: model scopes have nothing to check
@@ -56,7 +57,13 @@ class Decision(NamedTuple):
     day_reset_ms: int = 0
     retry_ms: int = 0
     credits: int = UNLIMITED  # left after this request
-    model_scoped: bool = False  # the key has model scopes: its bodies must be read
+    scopes: int = 0  # SCOPED_MODELS | SCOPED_ROUTES: which scopes the key has
+    expires: int = 0  # the key's expiry, unix s (0: never)
+
+    @property
+    def model_scoped(self) -> bool:
+        """The key has model scopes: its request bodies must be read before admission."""
+        return bool(self.scopes & SCOPED_MODELS)
 
 
 def decode(reply: Sequence[Any]) -> Decision:
@@ -67,8 +74,8 @@ def decode(reply: Sequence[Any]) -> Decision:
     plan = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if len(reply) == 2:
         return Decision(code, plan)
-    n = [int(v) for v in reply[2:11]]
-    return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], bool(n[8]))
+    n = [int(v) for v in reply[2:12]]
+    return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8], n[9])
 
 
 def bucket_used(cap: int, tokens: float | None, ts: float | None, now_ms: int, window: int) -> int:

@@ -69,6 +69,12 @@ class Metrics:
         self.redis_errors = Counter(
             "edge_redis_errors", "Redis failures by kind", ["kind"], registry=r
         )
+        self.fail_open_admissions = Counter(
+            "edge_fail_open_admissions",
+            "Admissions made under redis.fail_open while Redis was unavailable",
+            ["plan"],
+            registry=r,
+        )
 
         labels = [*plan_table, NO_PLAN, UNKNOWN_PLAN]
         self.outcome = {
@@ -83,6 +89,7 @@ class Metrics:
             for cls in STATUS_CLASSES
         }
         self.redis_error = {kind: self.redis_errors.labels(kind) for kind in REDIS_ERROR_KINDS}
+        self.fail_open = {plan: self.fail_open_admissions.labels(plan) for plan in labels}
         for name, plan in plan_table.items():
             self.plan_limit.labels(name, "minute").set(plan.rpm)
             self.plan_limit.labels(name, "day").set(plan.rpd)

@@ -22,6 +22,7 @@ from yarl import URL
 
 from edge import errors
 from edge.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
+from edge.fail_open import FailOpen
 from edge.keys import ParsedKey, bearer_token
 from edge.limiter import (
     MODEL_NOT_READ,
@@ -71,6 +72,8 @@ class Proxy:
     def bind(self, rt: Runtime) -> None:
         self.rt = rt
         self.policy = TargetPolicy(rt.settings.keys.prefix, rt.settings.server.max_body_bytes)
+        redis = rt.settings.redis
+        self._fail_open = FailOpen(redis.fail_open_auth_ttl) if redis.fail_open else None
         self._provider = provider_headers(rt.settings.upstream)
         self._base = rt.upstream_base.rstrip("/")
 
@@ -118,8 +121,16 @@ class Proxy:
             decision = await self._admit(rt, ex, key, route)
         except RedisUnavailable as exc:
             self._log_throttled("redis", "Redis unavailable (%s): %s", exc.kind, exc.detail)
-            await ex.fail(exc, "unavailable")
-            return
+            fallback = self._fail_open.admit(key) if self._fail_open else None
+            if fallback is None:
+                await ex.fail(exc, "unavailable")
+                return
+            decision = fallback
+            plan = rt.metrics.label(decision.plan)
+            rt.metrics.fail_open[plan].inc()
+            self._log_throttled(
+                "fail-open", "fail-open: admitted key %s (plan %s) without Redis", key.kid, plan
+            )
         except ClientGone:
             return  # left before admission: nothing charged, nothing to answer
         except BodyTooLarge:
@@ -146,11 +157,14 @@ class Proxy:
             decision = await rt.limiter.admit(key, route, await self._model(ex))
         if decision.model_scoped != hinted and decision.code not in SHORT_REPLIES:
             self._model_scoped.note(key.kid, decision.model_scoped)
+        if self._fail_open:
+            self._fail_open.note(key, decision)
         return decision
 
     async def _model(self, ex: Exchange) -> str:
         """admit.lua's model argument from the whole body, read now and kept for the upstream."""
-        body = await ex.read_body(self.policy.max_body)
+        framed = any(name == b"content-length" for name, _ in ex.scope["headers"])
+        body = await ex.read_body(self.policy.max_body, framed)
         if not body and ex.method in BODYLESS:
             return NO_BODY
         return model_state(body_model(body))
@@ -173,15 +187,16 @@ class Proxy:
         self, rt: Runtime, ex: Exchange, url: str, inbound: Inbound, kid: str
     ) -> None:
         try:
-            data = await ex.request_body(self.policy.max_body)
+            data = await ex.request_body(self.policy.max_body, inbound.length is not None)
         except ClientGone:
             return  # admitted and charged: counted as allowed, nothing left to answer
         except BodyTooLarge:
             await ex.fail(self.policy.too_large(), "bad_request")
             return
         headers = inbound.headers + self._provider
-        if isinstance(data, AsyncIterator) and inbound.length is not None:
-            headers.append(("Content-Length", inbound.length.decode("ascii")))
+        if isinstance(data, AsyncIterator):
+            length = inbound.length.decode("ascii") if inbound.length else ex.spooled_length
+            headers.append(("Content-Length", str(length)))
 
         sent = perf_counter()
         rt.metrics.admission.observe(sent - ex.start)

@@ -105,6 +105,8 @@ class RedisSettings(_WithUrl):
     url: RedisUrl = ""
     timeout: Annotated[Seconds, Field(le=60)] = 0.25
     max_connections: Count = 256
+    fail_open: bool = False  # Redis away: admit keys this instance validated recently
+    fail_open_auth_ttl: Annotated[Seconds, Field(le=86_400)] = 60.0
 
 
 class UpstreamSettings(_WithUrl):

@@ -18,9 +18,13 @@ from edge.settings import Plan
 
 
 def test_decode_full_and_short_replies() -> None:
-    d = decode([0, b"free", 20, 1000, 19, 3000, 999, 86400, 0, 41, 1])
-    assert d == Decision(Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0, 41, True)
-    assert decode([8, b"free", 0, 0, 0, 0, 0, 0, 0, -1, 0]).credits == -1
+    d = decode([0, b"free", 20, 1000, 19, 3000, 999, 86400, 0, 41, 1, 1900000000])
+    assert d == Decision(
+        Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0, 41, 1, 1900000000
+    )
+    assert d.model_scoped and d.expires == 1900000000
+    routes_only = decode([8, b"free", 0, 0, 0, 0, 0, 0, 0, -1, 2, 0])
+    assert routes_only.credits == -1 and not routes_only.model_scoped
     assert decode([1]) == Decision(Code.UNKNOWN, "")
     assert decode([4, b"pro"]).plan == "pro"
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from edge.keys import record_key
+from edge.keys import make_key, record_key
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key
@@ -147,3 +147,44 @@ def test_redis_blackhole_timeout_no_double_charge(
     # twice: charged = admitted + at most the 5 timed-out ones.
     requests = int(server.client().hget(record_key(rec.id), "requests"))
     assert admitted <= requests <= admitted + 5
+
+
+@pytest.mark.slow
+def test_fail_open_admits_only_recently_validated_keys(
+    spawn_edge, redis_factory, upstream: FakeUpstream
+) -> None:
+    """T10: with redis.fail_open, a Redis outage admits only keys this instance validated within
+    fail_open_auth_ttl: never an unknown or forged key, never a paused, scoped or metered one;
+    each such admission counted; after the TTL the validated key stops too."""
+    server: RedisServer = redis_factory()
+    env = edge_env(
+        server.url, upstream.url, EDGE_REDIS_FAIL_OPEN="true", EDGE_REDIS_FAIL_OPEN_AUTH_TTL="2"
+    )
+    proc: EdgeProcess = spawn_edge(env)
+    warm, warm_rec = new_key(server.url, "pro")
+    cold, _ = new_key(server.url, "pro")
+    paused, paused_rec = new_key(server.url, "pro")
+    metered, _ = new_key(server.url, "pro", credits=100)
+    scoped, _ = new_key(server.url, "pro", scopes={"routes": ["models"]})
+    forged = make_key("gw_sk_", warm_rec.id)  # the right id and a valid checksum, wrong secret
+    with httpx.Client(base_url=proc.url, timeout=10) as client:
+        for key in (warm, paused, metered, scoped):
+            assert client.get("/v1/models", headers=auth(key)).status_code == 200
+        server.client().hset(record_key(paused_rec.id), "status", "paused")
+        assert client.get("/v1/models", headers=auth(paused)).status_code == 403
+        before = value(scrape(proc.url), "edge_fail_open_admissions_total", plan="pro")
+
+        server.kill()
+        assert client.get("/v1/models", headers=auth(warm)).status_code == 200
+        for key in (cold, paused, metered, scoped, forged):
+            resp = client.get("/v1/models", headers=auth(key))
+            assert resp.status_code == 503, key
+            assert resp.json()["error"]["type"] == "service_unavailable"
+        assert client.get("/readyz").status_code == 503
+        grew = value(scrape(proc.url), "edge_fail_open_admissions_total", plan="pro") - before
+        assert grew == 1
+        assert "fail-open: admitted key" in proc.log()
+
+        time.sleep(2.2)  # past fail_open_auth_ttl
+        assert client.get("/v1/models", headers=auth(warm)).status_code == 503
+    assert warm not in proc.log() and forged not in proc.log()

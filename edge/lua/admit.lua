@@ -49,8 +49,9 @@ Reply, decoded positionally by limiter.py:
   7 day tokens left (whole)      8 ms until the day bucket is full
   9 ms until the next request could be admitted (0 when admitted)
   10 credits left after this request (-1: unlimited)
-  11 1 when the key has model scopes, else 0
-Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10 and 11.
+  11 the key's scopes: 1 if it has model scopes, + 2 if it has route scopes
+  12 the key's expiry (unix s; 0 = never)
+Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10, 11 and 12.
 ]]
 
 local MINUTE, DAY = 60000, 86400000
@@ -120,32 +121,34 @@ if not plan_rpm then return {7, plan} end
 
 local credits = -1
 if rec[11] and rec[11] ~= '' then credits = whole(rec[11]) or 0 end
+local expiry = whole(rec[8]) or 0
 
-local model_scoped = 0
+local scoped = 0
 if rec[10] and rec[10] ~= '' then
   local ok, scopes = pcall(cjson.decode, rec[10])
   if not ok or type(scopes) ~= 'table' then
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 0}
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2, expiry}
   end
   local routes, models = list_of_strings(scopes.routes), list_of_strings(scopes.models)
-  if #models > 0 then model_scoped = 1 end
+  if #models > 0 then scoped = scoped + 1 end
+  if #routes > 0 then scoped = scoped + 2 end
   if #routes > 0 and not route_allowed(routes, ARGV[2]) then
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, model_scoped}
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
   end
   if #models > 0 then
     local state = ARGV[3]
-    if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1} end
+    if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry} end
     if state ~= '~' then
       if string.sub(state, 1, 1) ~= '=' then
-        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
       end
       if not model_allowed(models, string.sub(state, 2)) then
-        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 1}
+        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
       end
     end
   end
 end
-if credits == 0 then return {9, plan, 0, 0, 0, 0, 0, 0, 0, 0, model_scoped} end
+if credits == 0 then return {9, plan, 0, 0, 0, 0, 0, 0, 0, 0, scoped, expiry} end
 
 local rpm = whole(rec[5]) or plan_rpm
 local rpd = whole(rec[6]) or plan_rpd
@@ -184,7 +187,7 @@ if mt < 1 - EPS or dt < 1 - EPS then
   end
   return {code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
-    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, model_scoped}
+    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, scoped, expiry}
 end
 
 mt, dt = math.max(mt - 1, 0), math.max(dt - 1, 0)
@@ -205,4 +208,4 @@ if credits > 0 then
   redis.call('HSET', KEYS[1], 'credits', credits)
 end
 return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
-  credits, model_scoped}
+  credits, scoped, expiry}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -120,14 +121,22 @@ def close(sock: socket.socket, rst: bool = False) -> None:
     sock.close()
 
 
-def send_in_pieces(port: int, head: bytes, pieces: list[bytes], gap: float) -> bytes:
-    """Send `head`, then each piece `gap` seconds apart; read the answer until it looks
-    complete or the server closes."""
+def send_in_pieces(
+    port: int,
+    head: bytes,
+    pieces: list[bytes],
+    gap: float,
+    on_piece: Callable[[], object] | None = None,
+) -> bytes:
+    """Send `head`, then each piece `gap` seconds apart (calling `on_piece` after each); read
+    the answer until it looks complete or the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
         for piece in pieces:
             time.sleep(gap)
             sock.sendall(piece)
+            if on_piece is not None:
+                on_piece()
         received = b""
         while b"\r\n\r\n" not in received or not received.endswith((b"}", b"0\r\n\r\n")):
             chunk = sock.recv(65536)

@@ -1,0 +1,74 @@
+"""edge/fail_open.py: what may be admitted while Redis is away. No I/O."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge.fail_open import FailOpen
+from edge.keys import ParsedKey
+from edge.limiter import SCOPED_ROUTES, Code, Decision
+
+KEY = ParsedKey("AAAAAAAAAAAA", "a" * 64)
+ADMITTED = Decision(Code.ADMITTED, "pro", 200, 50_000, 199, 300, 49_999, 1_700, 0)
+
+
+def test_only_a_validated_key_with_the_same_hash() -> None:
+    cache = FailOpen(ttl=60)
+    assert cache.admit(KEY) is None  # never seen
+    cache.note(KEY, ADMITTED)
+    decision = cache.admit(KEY)
+    assert decision is not None and decision.code == Code.ADMITTED and decision.plan == "pro"
+    assert cache.admit(KEY._replace(hash="b" * 64)) is None  # a forged secret for that id
+
+
+def test_a_rate_limited_key_was_validated_too() -> None:
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED._replace(code=Code.MINUTE_EMPTY, retry_ms=900))
+    decision = cache.admit(KEY)
+    assert decision is not None and decision.retry_ms == 0
+
+
+@pytest.mark.parametrize("code", [Code.PAUSED, Code.REVOKED, Code.EXPIRED, Code.PLAN_MISSING])
+def test_a_key_seen_gone_is_forgotten(code: Code) -> None:
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED)
+    cache.note(KEY, Decision(code, "pro"))
+    assert cache.admit(KEY) is None
+
+
+def test_a_wrong_secret_for_the_id_does_not_evict_the_real_key() -> None:
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED)
+    cache.note(KEY._replace(hash="b" * 64), Decision(Code.UNKNOWN, ""))
+    assert cache.admit(KEY) is not None
+    cache.note(KEY, Decision(Code.UNKNOWN, ""))  # the real hash no longer matches (rotated)
+    assert cache.admit(KEY) is None
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [ADMITTED._replace(credits=10), ADMITTED._replace(scopes=SCOPED_ROUTES)],
+    ids=["metered", "scoped"],
+)
+def test_metered_or_scoped_keys_are_never_admitted_without_redis(decision: Decision) -> None:
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED)
+    cache.note(KEY, decision)
+    assert cache.admit(KEY) is None
+
+
+def test_ttl_expiry_and_size() -> None:
+    cache = FailOpen(ttl=0.05)
+    cache.note(KEY, ADMITTED)
+    time.sleep(0.06)
+    assert cache.admit(KEY) is None
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED._replace(expires=int(time.time()) - 1))
+    assert cache.admit(KEY) is None
+    small = FailOpen(ttl=60, size=2)
+    keys = [ParsedKey(f"{i:012d}", f"{i:064d}") for i in range(3)]
+    for key in keys:
+        small.note(key, ADMITTED)
+    assert small.admit(keys[0]) is None and small.admit(keys[2]) is not None
