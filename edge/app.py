@@ -44,7 +44,9 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def on_error(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The path's first segment only: the rest may be anything a client typed, a key included.
+    area = request.url.path.lstrip("/").split("/", 1)[0][:20]
+    log.error("unexpected error on %s /%s/…", request.method, area, exc_info=exc)
     return errors.error_response(errors.EdgeError())
 
 

@@ -5,7 +5,8 @@
 set -euo pipefail
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
-  wanted=(redis-server=redis-server redis-cli=redis-tools openssl=openssl chromium=chromium)
+  wanted=(redis-server=redis-server redis-cli=redis-tools openssl=openssl chromium=chromium
+    faketime=faketime)
 fi
 missing=()
 for pair in "${wanted[@]}"; do

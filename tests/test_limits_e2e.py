@@ -12,6 +12,8 @@ import random
 import re
 import time
 from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -356,3 +358,46 @@ def test_wrong_type_bucket_charges_nothing(edge: EdgeProcess, r: redis.Redis, ma
     assert r.exists(minute) == 0
     r.delete(day)
     assert statuses(edge.url, key, 1) == [200]
+
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+HAVE_FAKETIME = FAKETIME_LIB.exists()
+
+
+@pytest.mark.multiproc
+async def test_clock_skew_between_instances(
+    spawn_edge, redis_server: RedisServer, upstream: FakeUpstream, make_key
+) -> None:
+    """T04: instance A's clock is an hour ahead, B's an hour behind (libfaketime shifts their
+    time.time()); they still admit exactly 20 of 200 and agree on Retry-After, because edge
+    takes time only from Redis."""
+    if not HAVE_FAKETIME:
+        pytest.fail("faketime is not installed: make test installs it (scripts/ensure-packages.sh)")
+
+    def skewed(offset: str) -> dict[str, str]:
+        return edge_env(
+            redis_server.url,
+            upstream.url,
+            EDGE_LOG_LEVEL="info",
+            LD_PRELOAD=str(FAKETIME_LIB),
+            FAKETIME=offset,
+            FAKETIME_DONT_FAKE_MONOTONIC="1",
+        )
+
+    ahead, behind = spawn_edge(skewed("+3600"), "ahead"), spawn_edge(skewed("-3600"), "behind")
+    for proc, offset in ((ahead, 3600), (behind, -3600)):  # the skew is real: see their logs
+        stamp = datetime.strptime(proc.log()[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        assert abs(stamp.timestamp() - time.time() - offset) < 120
+    key, _ = make_key("free", rpm=20, rpd=1000)
+    counts = await burst([ahead.url, behind.url], key, 100)
+    assert counts == {200: 20, 429: 180}
+    assert len(upstream.records) == 20
+    waits = []
+    async with httpx.AsyncClient(headers=auth(key), timeout=10) as client:
+        answers = [await client.get(f"{proc.url}/v1/models") for proc in (ahead, behind)]
+    for resp in answers:
+        assert resp.status_code == 429
+        waits.append(int(resp.headers["retry-after"]))
+        assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert abs(waits[0] - waits[1]) <= 1
+    assert all(1 <= w <= 4 for w in waits)  # rpm=20: a token every 3 s

@@ -188,3 +188,33 @@ def test_fail_open_admits_only_recently_validated_keys(
         time.sleep(2.2)  # past fail_open_auth_ttl
         assert client.get("/v1/models", headers=auth(warm)).status_code == 503
     assert warm not in proc.log() and forged not in proc.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [True, False], ids=["aof", "no-persistence"])
+def test_redis_restart_with_and_without_persistence(
+    spawn_edge, redis_factory, upstream: FakeUpstream, persistent: bool
+) -> None:
+    """T12: Redis restarted on the same port. With AOF (appendfsync always) keys and bucket
+    state survive and edge reloads its scripts by itself; without persistence every key is a
+    clean 401 JSON (never a 500) and readiness comes back."""
+    extra = ("--appendonly", "yes", "--appendfsync", "always") if persistent else ()
+    server: RedisServer = redis_factory(*extra)
+    proc: EdgeProcess = spawn_edge(edge_env(server.url, upstream.url))
+    key, _ = new_key(server.url, "free", rpm=10, rpd=1000)
+    with httpx.Client(base_url=proc.url, headers=auth(key), timeout=10) as client:
+        assert [client.get("/v1/models").status_code for _ in range(3)] == [200] * 3
+        noscript_before = value(scrape(proc.url), "edge_redis_errors_total", kind="noscript")
+        server.restart()
+        assert wait_until(lambda: client.get("/readyz").status_code == 200, 3, every=0.05)
+        resp = client.get("/v1/models")
+        if persistent:
+            assert resp.status_code == 200
+            assert resp.headers["x-ratelimit-remaining-requests"] == "6"  # 10 - 4: state kept
+            grew = value(scrape(proc.url), "edge_redis_errors_total", kind="noscript")
+            assert grew > noscript_before  # the restarted Redis had no scripts: reloaded
+        else:
+            assert resp.status_code == 401
+            assert resp.headers["content-type"] == "application/json"
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+    assert "Traceback" not in proc.log()

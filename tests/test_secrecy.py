@@ -9,17 +9,19 @@ the URL is refused (400 `api_key_in_url`) and never forwarded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from edge import keys
 from edge.records import KeyRecord
-from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, run_cli
+from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, edge_env, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import secret_part
 from tests.support.redis_server import RedisServer
@@ -135,3 +137,81 @@ def test_key_not_in_debug_log_or_metrics(
     log = edge.log()
     assert log, "the edge log is empty: nothing was checked"
     assert_absent(log, {**forbidden, "Bearer prefix": "Bearer "}, "the edge log")
+
+
+ADMIN_TOKEN = "secrecy-admin-token-0123456789"
+
+
+@pytest.mark.slow
+def test_key_never_logged(
+    spawn_edge: Callable[..., EdgeProcess], redis_factory: Any, upstream: FakeUpstream
+) -> None:
+    """T28: at DEBUG, through every path (valid, unknown, revoked, paused, expired, over the
+    limit, a key in the query, encoded or in the path, upstream 500 and reset, Redis down, the
+    admin API and the CLI), no log line, metric or admin answer holds a key, its secret part,
+    a key hash, the provider key, the admin token or a Bearer credential."""
+    server: RedisServer = redis_factory()
+    env = edge_env(server.url, upstream.url, EDGE_ADMIN_TOKEN=ADMIN_TOKEN, EDGE_LOG_LEVEL="debug")
+    proc = spawn_edge(env, name="secrecy")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    answers: list[str] = []
+    keys_seen: list[str] = []
+
+    def key(**fields: Any) -> tuple[str, str]:
+        resp = httpx.post(f"{proc.url}/admin/keys", headers=admin, json={"plan": "free", **fields})
+        assert resp.status_code == 201, resp.text
+        keys_seen.append(resp.json()["key"])
+        return resp.json()["key"], resp.json()["id"]
+
+    valid, valid_id = key(owner="o")
+    revoked, revoked_id = key()
+    paused, paused_id = key()
+    expired, _ = key(expires_at=1)
+    limited, _ = key(rpm=1)
+    unknown = keys.make_key("gw_sk_", keys.new_kid())
+    keys_seen.append(unknown)
+    with httpx.Client(base_url=proc.url, timeout=10) as client:
+        for path in (f"keys/{revoked_id}/revoke", f"keys/{paused_id}/pause"):
+            answers.append(client.post(f"/admin/{path}", headers=admin).text)
+        rotated = client.post(f"/admin/keys/{valid_id}/rotate", headers=admin, json={})
+        keys_seen.append(rotated.json()["key"])
+        for presented in (valid, rotated.json()["key"], unknown, revoked, paused, expired):
+            client.get("/v1/models", headers={"Authorization": f"Bearer {presented}"})
+        for _ in range(2):
+            client.get("/v1/models", headers={"Authorization": f"Bearer {limited}"})
+        good = {"Authorization": f"Bearer {rotated.json()['key']}"}
+        for url in (
+            f"/v1/models?api_key={valid}",
+            f"/v1/models?api_key={valid.replace('_', '%5F')}",
+            f"/v1/files/{valid}",
+        ):
+            assert client.get(url, headers=good).status_code == 400
+        client.get("/v1/models", headers={**good, "x-fake-status": "500"})
+        with contextlib.suppress(httpx.HTTPError):
+            client.get(
+                "/v1/models",
+                headers={**good, "x-fake-chunks": "5", "x-fake-reset-after": "2"},
+            )
+        for path in ("/admin/keys", "/admin/audit", f"/admin/keys/{valid_id}", "/admin/plans"):
+            answers.append(client.get(path, headers=admin).text)
+        answers.append(client.get("/admin/keys", headers={"Authorization": "Bearer wrong"}).text)
+        metrics = client.get("/metrics").text
+        cli = run_cli("keys", "list", "--json", redis_url=server.url)
+        audit = run_cli("audit", "--json", redis_url=server.url)
+        answers += [cli.stdout + cli.stderr, audit.stdout + audit.stderr]
+        server.kill()
+        for presented in (rotated.json()["key"], unknown):
+            resp = client.get("/v1/models", headers={"Authorization": f"Bearer {presented}"})
+            assert resp.status_code == 503
+
+    forbidden: dict[str, str] = {"provider key": PROVIDER_KEY, "admin token": ADMIN_TOKEN}
+    for i, plaintext in enumerate(keys_seen):
+        forbidden[f"key {i}"] = plaintext
+        forbidden[f"secret {i}"] = secret_part(plaintext)
+        forbidden[f"hash {i}"] = hashlib.sha256(plaintext.encode()).hexdigest()
+    log = proc.log()
+    assert "DEBUG" in log or "WARNING" in log, "the edge log is empty: nothing was checked"
+    assert_absent(log, {**forbidden, "Bearer credential": "Bearer "}, "the edge log")
+    assert_absent(metrics, forbidden, "/metrics")
+    for answer in answers:
+        assert_absent(answer, forbidden, "an admin or CLI answer")

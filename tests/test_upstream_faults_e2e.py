@@ -171,3 +171,25 @@ def test_unframed_body_cut_by_a_reset_is_not_passed_off_as_whole(
         assert closed
         assert cuts == before + 1
     assert inflight_settles(edge.url)
+
+
+def test_a_post_is_never_sent_twice(edge: EdgeProcess, upstream: FakeUpstream, make_key) -> None:
+    """T17: the upstream read a POST's body, then reset the connection without answering: the
+    client gets a 502 and the upstream saw the request exactly once, also when the request
+    went out on a reused keep-alive connection (aiohttp re-sends only idempotent methods
+    there, as RFC 9112 §9.3.1 allows; POST is not one)."""
+    key, _ = make_key("pro")
+    with httpx.Client(base_url=edge.url, headers=auth(key), timeout=10) as client:
+        for attempt in range(3):  # the first request may open a connection, later ones reuse
+            assert client.post("/v1/files", content=b"warm").status_code == 200
+            marker = f"post-{attempt}"
+            resp = client.post(
+                "/v1/files",
+                content=b"charge me once",
+                headers={"x-fake-reset-after-body": "1", "x-marker": marker},
+            )
+            assert resp.status_code == 502
+            assert resp.json()["error"]["type"] == "upstream_error"
+            seen = [r for r in upstream.records if r.header("x-marker") == marker]
+            assert len(seen) == 1, f"the POST reached the upstream {len(seen)} times"
+            assert seen[0].body == b"charge me once"
