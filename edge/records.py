@@ -103,6 +103,8 @@ def _scopes(value: str | None) -> dict[str, Any] | None:
         data = orjson.loads(value)
     except orjson.JSONDecodeError:
         data = None
+    if data == []:  # Lua cannot tell an empty array from {}: no restriction either way
+        data = {}
     if not isinstance(data, dict):
         return {"routes": [], "models": [], "error": "unreadable: nothing is allowed"}
     scopes = {name: _strings(data.get(name)) for name in ("routes", "models")}

@@ -17,7 +17,7 @@ non-negative integers; anything else falls back to the plan), status (active | p
 revoked; empty = active), expires (unix s; empty = never; anything else = expired),
 requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]}; model scopes
 apply to requests with a body;
-absent = everything; unreadable = nothing), credits (absent or empty = unlimited; a whole
+absent, empty or {} = everything; anything but a JSON object = nothing), credits (absent or empty = unlimited; a whole
 number = the balance; anything else = none left).
 Record fields written on admission: last_used (unix s), requests (+1), credits (-1 if limited).
 
@@ -126,7 +126,7 @@ local expiry = whole(rec[8]) or 0
 local scoped = 0
 if rec[10] and rec[10] ~= '' then
   local ok, scopes = pcall(cjson.decode, rec[10])
-  if not ok or type(scopes) ~= 'table' then
+  if not ok or type(scopes) ~= 'table' or scopes[1] ~= nil then  -- not a JSON object: deny
     return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2, expiry}
   end
   local routes, models = list_of_strings(scopes.routes), list_of_strings(scopes.models)

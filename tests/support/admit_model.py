@@ -1,0 +1,164 @@
+"""A pure-Python reference of admit.lua, written from its header comment, for the model-based
+property test: given a key's record, its two buckets, Redis time and the request, what the
+script must answer and leave behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MINUTE, DAY, EPS = 60_000, 86_400_000, 1e-9
+WHOLE = re.compile(r"^\d{1,12}$")
+
+
+def whole(value: str | None) -> int | None:
+    return int(value) if value is not None and WHOLE.match(value) else None
+
+
+def number(value: str | None) -> float | None:
+    try:
+        parsed = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return None if parsed is None or parsed != parsed else parsed
+
+
+@dataclass
+class Outcome:
+    reply: list[Any]
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # written: tokens, ts
+    record: dict[str, str] = field(default_factory=dict)  # written fields
+
+
+def level(bucket: dict[str, str], cap: int, window: int, now: int) -> tuple[float, float]:
+    tokens, ts = number(bucket.get("tokens")), number(bucket.get("ts"))
+    if tokens is None or ts is None:
+        return float(cap), float(now)
+    tokens = min(max(tokens, 0.0), float(cap))
+    ts = min(ts, now + window)
+    if now > ts:
+        if cap > 0:
+            tokens = min(cap, tokens + (now - ts) * cap / window)
+        ts = now
+    return tokens, ts
+
+
+def until(tokens: float, ts: float, cap: int, window: int, target: float, now: int) -> int:
+    if tokens >= target - EPS:
+        return 0
+    if cap <= 0:
+        return window
+    return math.ceil((ts - now) + (target - tokens) * window / cap)
+
+
+def _route_ok(routes: list[str], route: str) -> bool:
+    return any(route == r or route.startswith(r + "/") for r in routes)
+
+
+def _glob(pattern: str, value: str) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value, re.DOTALL) is not None
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def decide(
+    rec: dict[str, str],
+    minute: dict[str, str],
+    day: dict[str, str],
+    now_ms: int,
+    presented: str,
+    route: str,
+    model: str,
+    plans: dict[str, tuple[int, int]],
+) -> Outcome:
+    if "hash" not in rec:
+        return Outcome([1])
+    now_s = now_ms // 1000
+    if rec["hash"] != presented:
+        grace = whole(rec.get("prev_until"))
+        if not (rec.get("prev_hash") == presented and grace is not None and now_s < grace):
+            return Outcome([1])
+    plan = rec.get("plan", "")
+    status = rec.get("status")
+    if status == "revoked":
+        return Outcome([2, plan])
+    if rec.get("expires"):
+        expires = whole(rec["expires"])
+        if expires is None or now_s >= expires:
+            return Outcome([3, plan])
+    if status not in (None, "", "active"):
+        return Outcome([4, plan])
+    if plan not in plans:
+        return Outcome([7, plan])
+    plan_rpm, plan_rpd = plans[plan]
+    credits = -1
+    if rec.get("credits"):
+        credits = whole(rec["credits"]) or 0
+    expiry = whole(rec.get("expires")) or 0
+
+    def short(code: int, scoped: int) -> Outcome:
+        return Outcome([code, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry])
+
+    scoped = 0
+    if rec.get("scopes"):
+        try:
+            scopes = json.loads(rec["scopes"])
+        except ValueError:
+            scopes = None
+        if scopes == []:  # cjson decodes [] and {} alike
+            scopes = {}
+        if not isinstance(scopes, dict):
+            return short(8, 2)
+        routes, models = _strings(scopes.get("routes")), _strings(scopes.get("models"))
+        scoped = (1 if models else 0) + (2 if routes else 0)
+        if routes and not _route_ok(routes, route):
+            return short(8, scoped)
+        if models:
+            if model == "":
+                return short(10, scoped)
+            if model != "~":
+                if not model.startswith("="):
+                    return short(11, scoped)
+                if not any(_glob(g, model[1:]) for g in models):
+                    return short(8, scoped)
+    if credits == 0:
+        return Outcome([9, plan, 0, 0, 0, 0, 0, 0, 0, 0, scoped, expiry])
+    rpm = whole(rec.get("rpm"))
+    rpd = whole(rec.get("rpd"))
+    rpm = plan_rpm if rpm is None else rpm
+    rpd = plan_rpd if rpd is None else rpd
+    mt, mts = level(minute, rpm, MINUTE, now_ms)
+    dt, dts = level(day, rpd, DAY, now_ms)
+    if mt < 1 - EPS or dt < 1 - EPS:
+        code, retry = 5, 0
+        if dt < 1 - EPS:
+            code, retry = 6, until(dt, dts, rpd, DAY, 1, now_ms)
+        if mt < 1 - EPS:
+            retry = max(retry, until(mt, mts, rpm, MINUTE, 1, now_ms))
+        return Outcome([
+            code, plan, rpm, rpd,
+            math.floor(mt + EPS), until(mt, mts, rpm, MINUTE, rpm, now_ms),
+            math.floor(dt + EPS), until(dt, dts, rpd, DAY, rpd, now_ms),
+            retry, credits, scoped, expiry,
+        ])  # fmt: skip
+    mt, dt = max(mt - 1, 0.0), max(dt - 1, 0.0)
+    m_full = until(mt, mts, rpm, MINUTE, rpm, now_ms)
+    d_full = until(dt, dts, rpd, DAY, rpd, now_ms)
+    written = {"last_used": str(now_s)}
+    requests = whole(rec.get("requests"))
+    written["requests"] = str(requests + 1 if requests is not None else 1)
+    if credits > 0:
+        credits -= 1
+        written["credits"] = str(credits)
+    return Outcome(
+        [0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
+         credits, scoped, expiry],
+        {"m": (mt, mts), "d": (dt, dts)},
+        written,
+    )  # fmt: skip
