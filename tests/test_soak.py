@@ -1,0 +1,31 @@
+"""TESTPLAN T30 `test_soak_memory_fds_connections`, bounded for the suite: two instances under
+mixed traffic (streams, plain calls, clients leaving mid-stream with FIN or RST, invalid keys,
+429s, a Redis restart half-way). Memory, file descriptors and upstream connections stay flat
+and nothing is left in flight. Generous bounds here; `benchmarks/soak.py` runs it for minutes
+and prints the trend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.soak import soak
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+def test_soak_memory_fds_connections(tmp_path: Path, upstream: FakeUpstream) -> None:
+    result = soak(tmp_path, upstream, seconds=32, warmup=8, every=6, rate=40)
+    print(result.summary())
+    assert result.warm is not None and result.after is not None
+    for warm, after in zip(result.warm.rss, result.after.rss, strict=True):
+        assert after < warm * 1.10 + 4 * 1024 * 1024, result.summary()
+    for warm, after in zip(result.warm.fds, result.after.fds, strict=True):
+        assert after <= warm + 5, result.summary()
+    assert result.after.upstream_sockets <= result.warm.upstream_sockets + 10, result.summary()
+    assert result.inflight == 0, result.summary()
+    assert result.statuses.get(200, 0) > 500, result.summary()
+    assert result.statuses.get(401, 0) > 0 and result.statuses.get(429, 0) > 0
+    assert set(result.statuses) <= {0, 200, 401, 429, 503}, result.summary()
