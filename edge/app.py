@@ -64,32 +64,43 @@ class Deferred:
 
 
 class Edge:
-    """The ASGI app: `/v1/*` to the proxy, the rest to the control plane (health, metrics,
-    and the admin API when an admin token is set)."""
+    """The ASGI app: `/v1/*` to the proxy, the rest to a control plane (health, metrics, and
+    the admin API and dashboard when an admin token is set).
+
+    With `admin.port`, edge listens twice: the main listener serves `/v1` and health, the
+    admin listener health, `/metrics` and `/admin`; each answers a JSON 404 for the other's
+    paths. Requests are told apart by the port they arrived on.
+    """
 
     def __init__(self, settings: Settings, on_ready: OnReady | None = None) -> None:
         self.settings = settings
         self.on_ready = on_ready
         self.proxy = Proxy()
         self.admin = Deferred()
-        routes: list[BaseRoute] = [
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics_endpoint),
-        ]
+        self.draining = False  # SIGTERM: /readyz answers 503 while requests are still served
+        self.admin_port = settings.admin.port
+        health: list[BaseRoute] = [Route("/healthz", healthz), Route("/readyz", readyz)]
+        operator: list[BaseRoute] = [Route("/metrics", metrics_endpoint)]
         if admin_enabled(settings):
-            routes.append(Mount("/admin", app=self.admin))
-        self.control = Starlette(
+            operator.append(Mount("/admin", app=self.admin))
+        public = health if self.admin_port else health + operator
+        self.control = self._plane(public, lifespan=True)
+        self.operator = self._plane(health + operator) if self.admin_port else self.control
+
+    def _plane(self, routes: list[BaseRoute], lifespan: bool = False) -> Starlette:
+        app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: on_http_exception, Exception: on_error},
-            lifespan=self._lifespan,
+            lifespan=self._lifespan if lifespan else None,
         )
+        app.state.edge = self
+        return app
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
         async with open_runtime(self.settings) as rt:
             self.proxy.bind(rt)
-            self.control.state.runtime = rt
+            self.control.state.runtime = self.operator.state.runtime = rt
             if admin_enabled(self.settings):
                 token = self.settings.admin.token.get_secret_value()
                 self.admin.app = AdminApi(rt.store, token).app
@@ -98,10 +109,13 @@ class Edge:
             yield
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.control(scope, receive, send)
+            return
+        if self.admin_port and (scope.get("server") or (None, None))[1] == self.admin_port:
+            await self.operator(scope, receive, send)
         # Routed on the raw path, the one the upstream URL is built from: `/%761/…` is not /v1.
-        if scope["type"] == "http" and (scope.get("raw_path") or scope["path"].encode()).startswith(
-            API_PREFIX
-        ):
+        elif (scope.get("raw_path") or scope["path"].encode()).startswith(API_PREFIX):
             await self.proxy(scope, receive, send)
         else:
             await self.control(scope, receive, send)

@@ -50,10 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from edge.server import serve
 
-    flags = {"host": args.host, "port": args.port}
+    flags = {"host": args.host, "port": args.port, "workers": args.workers}
     server = {name: value for name, value in flags.items() if value is not None}
-    settings = load_settings(args.config, overrides={"server": server})
-    return serve(settings, demo_key=args.demo_key)
+    admin = {"port": args.admin_port} if args.admin_port is not None else {}
+    settings = load_settings(args.config, overrides={"server": server, "admin": admin})
+    try:
+        return serve(settings, demo_key=args.demo_key)
+    except OSError as exc:  # the port is taken, the address is not ours, …
+        return out.fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
 
 
 def _plans(settings: Settings, as_json: bool) -> int:

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes on the port (default 1)")
+    serve.add_argument(
+        "--admin-port", type=int, help="serve /admin, the dashboard and /metrics on this port"
+    )
     serve.add_argument(
         "--demo-key",
         action="store_true",

@@ -1,4 +1,5 @@
-"""Health endpoints: `/healthz` says the process is alive, `/readyz` that it can serve.
+"""Health endpoints: `/healthz` says the process is alive, `/readyz` that it can serve: not
+draining (SIGTERM makes it 503 at once) and Redis answering.
 
 Readiness asks the request path's own Redis client (a PING within `redis.timeout`), so an
 instance whose requests would fail is taken out of the load balancer, whatever the admin
@@ -27,6 +28,8 @@ async def readyz(request: Request) -> Response:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return error_response(ServiceUnavailable("not ready: starting", code="starting"))
+    if request.app.state.edge.draining:
+        return error_response(ServiceUnavailable("not ready: draining", code="draining"))
     try:
         async with asyncio.timeout(rt.settings.redis.timeout):
             await rt.hot.ping()

@@ -3,14 +3,24 @@
 Names and labels are part of the contract (DESIGN §3). No label carries a key id: cardinality
 stays bounded by the plan table. Label children are bound once at start-up, so the hot path
 does a dict lookup and an `inc()`, never a label resolution.
+
+With `--workers N`, prometheus-client's multiprocess mode sums the workers: the supervisor
+points `PROMETHEUS_MULTIPROC_DIR` at a directory it makes and removes, each worker's values
+live in memory-mapped files there, and `/metrics` (whichever worker answers) reads them all.
+Counters and histograms are summed; in-flight is summed over live workers only; plan limits
+take the maximum (every worker has the same).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from edge.settings import Plan
 
@@ -33,6 +43,8 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 ADMISSION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 
 
 class Metrics:
@@ -44,7 +56,11 @@ class Metrics:
             "edge_requests", "Requests to /v1 by plan and outcome", ["plan", "outcome"], registry=r
         )
         self.plan_limit = Gauge(
-            "edge_plan_limit", "Configured requests per window", ["plan", "window"], registry=r
+            "edge_plan_limit",
+            "Configured requests per window",
+            ["plan", "window"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.admission = Histogram(
             "edge_admission_seconds",
@@ -65,7 +81,12 @@ class Metrics:
             ["plan", "status"],
             registry=r,
         )
-        self.inflight = Gauge("edge_inflight_requests", "Requests being handled on /v1", registry=r)
+        self.inflight = Gauge(
+            "edge_inflight_requests",
+            "Requests being handled on /v1",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.redis_errors = Counter(
             "edge_redis_errors", "Redis failures by kind", ["kind"], registry=r
         )
@@ -107,4 +128,28 @@ class Metrics:
         self.status_by_plan[(plan, cls)].inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        forget_dead_workers(directory)
+        merged = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the live-only gauges of workers that are gone (a crashed worker never says so)."""
+    for path in Path(directory).iterdir():
+        match = LIVE_GAUGE_FILE.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            mark_process_dead(int(match.group(1)), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,6 +9,7 @@ no percent-encoding can move the request outside the base.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
@@ -46,6 +47,11 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"openai-organization",
     b"openai-project",
 }
+# Who the client is, as proxies in front of edge tell it: believed only from
+# server.trusted_proxies, rebuilt by `forwarded_headers` for everyone.
+FORWARDING = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
 # Besides hop-by-hop: uvicorn writes its own Date; edge's rate-limit headers replace the
 # provider's (which describe the operator's account, not the client's key), and the provider's
 # organisation and project ids are the operator's business.
@@ -66,15 +72,20 @@ class Inbound(NamedTuple):
     headers: list[tuple[str, str]]  # to forward: no hop-by-hop, no client credentials
     auth: bytes | None  # the one Authorization value; None when absent or repeated
     length: bytes | None  # Content-Length as sent
+    forwarding: list[tuple[str, str]]  # X-Forwarded-* / Forwarded as sent (see FORWARDING)
 
 
 def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
     """One pass over the client's headers (names already lower-cased by the server)."""
     headers: list[tuple[str, str]] = []
+    forwarding: list[tuple[str, str]] = []
     auth: list[bytes] = []
     length: bytes | None = None
     listed: bytes | None = None
     for name, value in raw:
+        if name in FORWARDING:
+            forwarding.append((name.decode("latin-1"), value.decode("latin-1")))
+            continue
         if name in REQUEST_DROP:
             if name == b"authorization":
                 auth.append(value)
@@ -87,7 +98,7 @@ def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
     if listed is not None:
         drop = {t.strip().lower().decode("latin-1") for t in listed.split(b",")}
         headers = [(n, v) for n, v in headers if n not in drop]
-    return Inbound(headers, auth[0] if len(auth) == 1 else None, length)
+    return Inbound(headers, auth[0] if len(auth) == 1 else None, length, forwarding)
 
 
 def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> Headers:
@@ -209,4 +220,44 @@ def provider_headers(upstream: UpstreamSettings) -> list[tuple[str, str]]:
         out.append(("OpenAI-Organization", upstream.organization))
     if upstream.project:
         out.append(("OpenAI-Project", upstream.project))
+    return out
+
+
+class TrustedProxies:
+    """`server.trusted_proxies`: the networks whose forwarding headers edge believes."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self.networks = [ipaddress.ip_network(n) for n in networks]
+        self._seen: dict[str, bool] = {}
+
+    def trusts(self, peer: str | None) -> bool:
+        if not self.networks or not peer:
+            return False
+        known = self._seen.get(peer)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                return False
+            known = any(address in network for network in self.networks)
+            if len(self._seen) < 10_000:
+                self._seen[peer] = known
+        return known
+
+
+def forwarded_headers(
+    sent: list[tuple[str, str]], peer: str | None, scheme: str, trusted: bool
+) -> list[tuple[str, str]]:
+    """The forwarding headers edge sends upstream: a trusted proxy's kept, with the address edge
+    saw appended; anyone else's dropped and replaced by what edge itself saw."""
+    if not trusted:
+        sent = []
+    chain = [v for n, v in sent if n == "x-forwarded-for"]
+    out = [(n, v) for n, v in sent if n not in ("x-forwarded-for", "x-forwarded-proto")]
+    if peer:
+        chain.append(peer)
+    if chain:
+        out.append(("X-Forwarded-For", ", ".join(chain)))
+    proto = [v for n, v in sent if n == "x-forwarded-proto"]
+    out.append(("X-Forwarded-Proto", proto[0] if proto else scheme))
     return out

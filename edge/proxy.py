@@ -39,7 +39,9 @@ from edge.policy import (
     API_PREFIX,
     Inbound,
     TargetPolicy,
+    TrustedProxies,
     body_model,
+    forwarded_headers,
     inbound_headers,
     provider_headers,
     response_headers,
@@ -75,6 +77,7 @@ class Proxy:
         redis = rt.settings.redis
         self._fail_open = FailOpen(redis.fail_open_auth_ttl) if redis.fail_open else None
         self._provider = provider_headers(rt.settings.upstream)
+        self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
         self._base = rt.upstream_base.rstrip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -193,7 +196,12 @@ class Proxy:
         except BodyTooLarge:
             await ex.fail(self.policy.too_large(), "bad_request")
             return
-        headers = inbound.headers + self._provider
+        client = ex.scope.get("client")
+        peer = client[0] if client else None
+        trusted = self._trusted.trusts(peer)
+        scheme = ex.scope.get("scheme", "http")
+        forwarding = forwarded_headers(inbound.forwarding, peer, scheme, trusted)
+        headers = inbound.headers + forwarding + self._provider
         if isinstance(data, AsyncIterator):
             length = inbound.length.decode("ascii") if inbound.length else ex.spooled_length
             headers.append(("Content-Length", str(length)))

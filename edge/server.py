@@ -1,91 +1,98 @@
-"""Running edge under uvicorn (uvloop + httptools), and the start-up banner.
+"""Running edge: uvicorn (uvloop + httptools) with edge's HTTP protocol, its listeners, and the
+SIGTERM drain; `supervisor.py` runs several of these for `--workers`.
 
-In embedded mode (no EDGE_REDIS_URL) nothing outside this process can create keys, so with the
-demo upstream the server creates a demo key at start-up and prints it once with a
-ready-to-paste curl line. With a real upstream it does so only when asked (`--demo-key`): a key
-printed to a console or a log collector would spend the operator's provider account.
+Drain (DESIGN §5): the first SIGTERM makes `/readyz` answer 503 at once while the instance
+keeps serving for `server.drain_delay` seconds (the load balancer notices and stops sending);
+then the listener closes and in-flight requests, streams included, get `server.drain_timeout`
+seconds to finish before they are cut; then the process exits 0. A second SIGTERM skips the
+rest of the delay; SIGINT (Ctrl+C) stops without one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import sys
+import signal
+import socket
+from types import FrameType
 from typing import cast
 
 import uvicorn
 
 from edge import logs
-from edge.app import create_app
+from edge.app import Edge, create_app
+from edge.banner import announce
 from edge.http_protocol import Limits, protocol_class
-from edge.key_specs import NewKey
-from edge.runtime import Runtime
 from edge.settings import Settings
 
 log = logging.getLogger("edge")
-DEMO_BODY = '{"model": "edge-demo", "messages": [{"role": "user", "content": "Hello"}]}'
 
 
-async def announce(rt: Runtime, demo_key: bool = False) -> None:
-    """Say how to call this instance; in embedded mode, create and show a demo key when the
-    demo upstream is in use or `demo_key` asks for one."""
-    s = rt.settings
-    base = f"http://{_display_host(s.server.host)}:{s.server.port}"
-    if s.embedded_redis:
-        log.warning(
-            "EMBEDDED REDIS: in-process and not persistent; one instance only. "
-            "Set EDGE_REDIS_URL=redis://… to share limits between instances and keep keys."
+class EdgeServer(uvicorn.Server):
+    """uvicorn's server, with edge's drain on SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, app: Edge, drain_delay: float) -> None:
+        super().__init__(config)
+        self.edge = app
+        self.drain_delay = drain_delay
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)
+            return
+        if self.edge.draining or self.drain_delay <= 0:
+            self.edge.draining = True
+            self.should_exit = True  # not a re-raised SIGTERM: a drained exit is a clean one
+            return
+        self.edge.draining = True
+        log.info(
+            "SIGTERM: draining; /readyz answers 503, requests are served for %.1f s more",
+            self.drain_delay,
         )
-        if s.demo_upstream or demo_key:
-            plan = next(iter(s.plans))
-            spec = NewKey(plan=plan, name="demo")
-            key, _ = await rt.store.create(spec, actor="demo")
-            rt.demo_key = key
-        else:
-            log.warning(
-                "No demo key was created: with a real upstream a printed key would spend your "
-                "provider account. Run 'edge serve --demo-key' to create one and print it, or "
-                "use a Redis server (EDGE_REDIS_URL) and 'edge keys create'."
-            )
-    lines = [
-        "",
-        "=" * 78,
-        f"  edge is listening on {base}   (OpenAI base_url: {base}/v1)",
-    ]
-    if s.demo_upstream:
-        lines.append("  DEMO UPSTREAM: no EDGE_UPSTREAM_URL set; answers are canned, not a model.")
-    if rt.demo_key:
-        lines += [
-            f"  Demo key (plan {next(iter(s.plans))}, shown once): {rt.demo_key}",
-            "  Try it:",
-            f"    curl {base}/v1/chat/completions \\",
-            f"      -H 'Authorization: Bearer {rt.demo_key}' \\",
-            "      -H 'Content-Type: application/json' \\",
-            f"      -d '{DEMO_BODY}'",
-        ]
-    lines += ["=" * 78, ""]
-    print("\n".join(lines), file=sys.stdout, flush=True)
+        try:
+            asyncio.get_running_loop().call_later(self.drain_delay, self._close)
+        except RuntimeError:  # not serving yet
+            self.should_exit = True
+
+    def _close(self) -> None:
+        log.info(
+            "drain delay over: closing the listener; in-flight requests have %.1f s",
+            self.config.timeout_graceful_shutdown or 0,
+        )
+        self.should_exit = True
 
 
-def _display_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, inheritable so worker processes can share it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
-def uvicorn_config(settings: Settings, demo_key: bool = False) -> uvicorn.Config:
+def listeners(settings: Settings) -> list[socket.socket]:
+    """The main listener, and the admin listener when `admin.port` is set."""
+    socks = [listen(settings.server.host, settings.server.port)]
+    if settings.admin.port:
+        socks.append(listen(settings.admin.host, settings.admin.port))
+    return socks
+
+
+def uvicorn_config(app: Edge, settings: Settings) -> uvicorn.Config:
     s = settings.server
     return uvicorn.Config(
-        create_app(settings, on_ready=functools.partial(announce, demo_key=demo_key)),
-        host=s.host,
-        port=s.port,
+        app,
         loop="uvloop",
         http=protocol_class(Limits.of(s)),
         ws="none",  # edge proxies HTTP only; an Upgrade request is served as plain HTTP
         lifespan="on",
         access_log=False,
         server_header=False,
-        proxy_headers=False,  # X-Forwarded-* are not trusted from arbitrary clients
+        proxy_headers=False,  # X-Forwarded-* are handled by edge itself (server.trusted_proxies)
         log_config=None,
         # uvicorn annotates these as int but uses them as delays (call_later, wait_for):
         # the configured seconds are honoured exactly, never rounded.
@@ -94,8 +101,27 @@ def uvicorn_config(settings: Settings, demo_key: bool = False) -> uvicorn.Config
     )
 
 
+def run_server(
+    settings: Settings, sockets: list[socket.socket], banner: bool = True, demo_key: bool = False
+) -> int:
+    """Serve on `sockets` until stopped; 0 after a clean stop."""
+    on_ready = functools.partial(announce, demo_key=demo_key) if banner else None
+    app = create_app(settings, on_ready=on_ready)
+    server = EdgeServer(uvicorn_config(app, settings), app, settings.server.drain_delay)
+    server.run(sockets=sockets)
+    return 0 if server.started else 1
+
+
 def serve(settings: Settings, demo_key: bool = False) -> int:
     logs.configure(settings.log.level)
-    server = uvicorn.Server(uvicorn_config(settings, demo_key))
-    server.run()
-    return 0 if server.started else 1
+    sockets = listeners(settings)
+    if settings.server.workers > 1:
+        from edge.supervisor import Supervisor
+
+        supervisor: int = Supervisor(settings, sockets).run()
+        return supervisor
+    try:
+        return run_server(settings, sockets, demo_key=demo_key)
+    finally:
+        for sock in sockets:
+            sock.close()

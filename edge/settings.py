@@ -13,6 +13,7 @@ never its value (it may be a secret). Nothing here touches the network.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -22,12 +23,14 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from edge.urls import check_upstream_url, redact_url
@@ -64,6 +67,10 @@ class ServerSettings(_Section):
     # uvicorn takes these as delays; below a second they would only cause churn.
     keepalive_timeout: Annotated[Seconds, Field(ge=1)] = 75.0
     drain_timeout: Annotated[Seconds, Field(ge=1)] = 30.0
+    # SIGTERM: seconds to keep serving with /readyz 503 before closing the listener
+    drain_delay: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 5.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 1  # processes serving the same port
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], BeforeValidator(_split_list)] = ()
 
 
 def _redis_url(url: str) -> str:
@@ -101,6 +108,25 @@ class _WithUrl(_Section):
             yield name, redact_url(value) if name == "url" else value
 
 
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network (CIDR)") from None
+
+
+def _split_list(value: object) -> object:
+    """A comma-separated environment value, or a TOML list, as a tuple."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+IPNetwork = Annotated[str, AfterValidator(_network)]
+
+
 class RedisSettings(_WithUrl):
     url: RedisUrl = ""
     timeout: Annotated[Seconds, Field(le=60)] = 0.25
@@ -126,6 +152,8 @@ class KeysSettings(_Section):
 
 class AdminSettings(_Section):
     token: SecretStr = SecretStr("")  # enables /admin/*; off when empty
+    host: Annotated[str, StringConstraints(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65_535)] = 0  # 0: /admin and /metrics on the main port
     audit_max: Annotated[int, Field(ge=100, le=10_000_000)] = 10_000  # audit entries kept
 
     @field_validator("token")
@@ -172,6 +200,17 @@ class Settings(_Section):
         default_factory=default_plans
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.server.workers > 1 and not self.redis.url:
+            raise ValueError(
+                "server.workers > 1 needs a Redis server (redis.url): the embedded Redis lives "
+                "inside one process, so workers would not share limits"
+            )
+        if self.admin.port and self.admin.port == self.server.port:
+            raise ValueError("admin.port must differ from server.port (or be 0: same listener)")
+        return self
+
     @property
     def embedded_redis(self) -> bool:
         return not self.redis.url
@@ -207,7 +246,8 @@ def load_settings(
     for section, values in (overrides or {}).items():
         for name, value in values.items():
             merged.setdefault(section, {})[name] = value
-            origins[f"{section}.{name}"] = f"--{name.replace('_', '-')}"
+            flag = "admin-port" if section == "admin" else name.replace("_", "-")
+            origins[f"{section}.{name}"] = f"--{flag}"
     return _validate(merged, origins, default=where, strict=False)
 
 

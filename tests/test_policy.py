@@ -17,7 +17,9 @@ from edge import errors
 from edge.keys import make_key, new_kid
 from edge.policy import (
     TargetPolicy,
+    TrustedProxies,
     decoded,
+    forwarded_headers,
     inbound_headers,
     provider_headers,
     response_headers,
@@ -227,3 +229,34 @@ def test_content_length_checks(length: bytes, code: str) -> None:
 def test_bad_query_bytes_are_refused(query: bytes) -> None:
     err = POLICY.check(b"/v1/x", query, None)
     assert err is not None and err.code == "invalid_query"
+
+
+def test_forwarding_headers_from_an_untrusted_client_are_replaced() -> None:
+    sent = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+    ]
+    inbound = inbound_headers([(n.encode(), v.encode()) for n, v in sent])
+    assert inbound.headers == [] and inbound.forwarding == sent
+    assert forwarded_headers(inbound.forwarding, "10.1.2.3", "http", trusted=False) == [
+        ("X-Forwarded-For", "10.1.2.3"),
+        ("X-Forwarded-Proto", "http"),
+    ]
+
+
+def test_a_trusted_proxys_chain_is_kept_and_extended() -> None:
+    sent = [("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-proto", "https")]
+    assert forwarded_headers(sent, "10.0.0.5", "http", trusted=True) == [
+        ("X-Forwarded-For", "1.1.1.1, 2.2.2.2, 10.0.0.5"),
+        ("X-Forwarded-Proto", "https"),
+    ]
+
+
+def test_trusted_proxies_match_by_network() -> None:
+    trusted = TrustedProxies(("10.0.0.0/8", "::1/128"))
+    assert trusted.trusts("10.200.0.1") and trusted.trusts("::1")
+    assert not trusted.trusts("11.0.0.1") and not trusted.trusts("not-an-ip")
+    assert not trusted.trusts(None)
+    assert not TrustedProxies(()).trusts("10.0.0.1")

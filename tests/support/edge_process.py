@@ -108,6 +108,7 @@ def edge_env(redis_url: str, upstream_url: str, **extra: str) -> dict[str, str]:
         "EDGE_UPSTREAM_URL": upstream_url,
         "EDGE_UPSTREAM_API_KEY": PROVIDER_KEY,
         "EDGE_LOG_LEVEL": "debug",
+        "EDGE_SERVER_DRAIN_DELAY": "0",  # tests stop processes often; drain tests set their own
     }
     env.update(extra)
     return env

@@ -1,0 +1,112 @@
+"""`edge serve --workers N`: N worker processes serving the same listening sockets.
+
+The supervisor binds the sockets, makes the metrics directory (prometheus-client's
+multiprocess mode, see metrics.py) and starts the workers, each a full edge (its own Redis
+clients, upstream pool and event loop) running the same drain on SIGTERM. It replaces a worker
+that dies; on SIGTERM or SIGINT it passes SIGTERM on, waits for every worker to drain (up to
+`drain_delay + drain_timeout` and a margin), then removes the metrics directory and exits 0.
+
+Why not uvicorn's own `--workers`: its workers run uvicorn's plain server, which has no drain
+and re-raises SIGTERM on the way out (exit -15), and it knows nothing of the metrics directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from edge.metrics import MULTIPROC_ENV
+from edge.settings import Settings
+
+log = logging.getLogger("edge.supervisor")
+STARTUP_FAILURE = 3  # uvicorn's exit code when the app could not start
+POLL = 0.5
+
+
+def worker_main(settings: Settings, sockets: list[socket.socket], index: int) -> None:
+    """One worker: a full edge on the shared sockets (runs in a spawned process)."""
+    from edge import logs
+    from edge.server import run_server
+
+    logs.configure(settings.log.level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, and sends SIGTERM
+    raise SystemExit(run_server(settings, sockets, banner=index == 0))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, sockets: list[socket.socket]) -> None:
+        self.settings = settings
+        self.sockets = sockets
+        self.stopping = threading.Event()
+        self.workers: list[BaseProcess] = []
+        self._context = multiprocessing.get_context("spawn")
+
+    def run(self) -> int:
+        metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers at spawn
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.workers = [self._start(i) for i in range(self.settings.server.workers)]
+            log.info("supervisor %d: %d workers", os.getpid(), len(self.workers))
+            failed = self._watch()
+            self._stop_all()
+            return 1 if failed else 0
+        finally:
+            for sock in self.sockets:
+                sock.close()
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def _start(self, index: int) -> BaseProcess:
+        worker = self._context.Process(
+            target=worker_main, args=(self.settings, self.sockets, index), name=f"edge-{index}"
+        )
+        worker.start()
+        return worker
+
+    def _watch(self) -> bool:
+        """Replace workers that die until told to stop; True if one could not even start."""
+        while not self.stopping.wait(POLL):
+            for index, worker in enumerate(self.workers):
+                if worker.is_alive():
+                    continue
+                if worker.exitcode == STARTUP_FAILURE:
+                    log.error("worker %s could not start; stopping", worker.pid)
+                    return True
+                log.warning("worker %s exited (%s); starting another", worker.pid, worker.exitcode)
+                self._forget_metrics(worker.pid)
+                self.workers[index] = self._start(index)
+        return False
+
+    def _stop_all(self) -> None:
+        s = self.settings.server
+        for worker in self.workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = s.drain_delay + s.drain_timeout + 10
+        for worker in self.workers:
+            worker.join(deadline)
+            if worker.is_alive():
+                log.error("worker %s did not stop in time; killing it", worker.pid)
+                worker.kill()
+                worker.join(5)
+
+    @staticmethod
+    def _forget_metrics(pid: int | None) -> None:
+        directory = os.environ.get(MULTIPROC_ENV)
+        if pid is not None and directory:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
