@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/edge serve
 
-## test: install, make sure redis-server, openssl and chromium exist, run the whole suite
+## test: install, make sure the Debian packages the tests use exist, run the whole suite
 test: $(STAMP)
 	bash scripts/ensure-packages.sh
 	$(BIN)/pytest $(PYTEST_ARGS)

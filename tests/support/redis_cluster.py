@@ -1,5 +1,6 @@
-"""A real Redis Cluster on loopback (TESTPLAN fixture `redis_cluster`): N masters, started
-and stopped by PID, ready when CLUSTER INFO says `cluster_state:ok`."""
+"""A real Redis Cluster on loopback (TESTPLAN fixture `redis_cluster`): N masters (and as many
+replicas each as asked), started and stopped by PID, ready when CLUSTER INFO says
+`cluster_state:ok` everywhere and every replica's link to its master is up."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _cluster_port() -> int:
 
 
 class RedisCluster:
-    def __init__(self, directory: Path, masters: int = 3) -> None:
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
         self.nodes = [
             RedisServer(
                 directory / f"node-{i}",
@@ -40,8 +42,10 @@ class RedisCluster:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
+                "--repl-diskless-sync-delay",
+                "0",
             )
-            for i in range(masters)
+            for i in range(masters * (1 + replicas))
         ]
 
     @property
@@ -59,24 +63,52 @@ class RedisCluster:
                 "--cluster",
                 "create",
                 *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
             capture_output=True,
             timeout=30,
         )
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while True:
-            states = [n.client().cluster("info")["cluster_state"] for n in self.nodes]
-            if all(s == "ok" for s in states):
+            states = [self._ready(n) for n in self.nodes]
+            if all(states):
                 return self
             if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not ok: {states}")
+                raise RuntimeError(f"cluster not ready: {states}")
             time.sleep(0.05)
 
+    @staticmethod
+    def _ready(node: RedisServer) -> bool:
+        client = node.client()
+        try:
+            if client.cluster("info")["cluster_state"] != "ok":
+                return False
+            info = client.info("replication")
+            return info["role"] == "master" or info.get("master_link_status") == "up"
+        finally:
+            client.close()
+
+    def masters(self) -> list[RedisServer]:
+        """The nodes that are masters now (a failover changes which)."""
+        out = []
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            client = node.client()
+            try:
+                if client.info("replication")["role"] == "master":
+                    out.append(node)
+            finally:
+                client.close()
+        return out
+
     def node_for(self, key: str) -> RedisServer:
-        """The master that owns `key`'s slot."""
-        client = self.nodes[0].client()
+        """The master that owns `key`'s slot (asking a node that is up)."""
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        client = alive[0].client()
         slot = client.cluster("keyslot", key)
         owner = next(
             primary[1]
