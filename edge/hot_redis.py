@@ -72,7 +72,7 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._out: list[bytes] = []
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self._armed_at = float("inf")
 
@@ -172,11 +172,13 @@ class PipelinedRedis:
         self._connecting: asyncio.Task[_Pipe] | None = None
 
     async def execute(self, *args: Arg) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         pipe = self._pipe
         if pipe is None or pipe.closed:
+            # (asyncio.get_running_loop() costs a getpid() syscall: only on this rare path)
+            deadline = asyncio.get_running_loop().time() + self.timeout
             pipe = await self._connection(deadline)
+        else:
+            deadline = pipe.loop.time() + self.timeout
         return await pipe.send(pack(args), deadline)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:

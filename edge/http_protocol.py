@@ -79,9 +79,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # the bytes arriving belong to a request head
         self._head_bytes = 0  # of the current head, so far
         self._tail = b""  # its last 3 bytes, to find a terminator split across reads
-        self._header_count = 0
-        self._header_bytes = 0
+        self._unmeasured = False  # a read arrived mid-request: the next head may start in it
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None  # loop time of the current head's first byte
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -90,7 +90,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if cap and len(self.connections) > cap:
             self._refuse(errors.ServiceUnavailable("Too many open connections; try again."))
             return
-        self._arm_head_timer()
+        self._head_started = self.loop.time()  # a new connection owes a head from now
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._check_head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
@@ -99,46 +100,49 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._in_head and not self._head_fits(data):
+        if not self._in_head:
+            self._unmeasured = True
+        elif not self._head_fits(data):
             self._refuse(self._too_large())
             return
         super().data_received(data)
 
     def _head_fits(self, data: bytes) -> bool:
         """Count `data` against the head budget; False once the head is over it."""
-        if self._head_timer is None:
-            self._arm_head_timer()  # the first byte of a request on a kept-alive connection
-        window = self._tail + data
-        end = window.find(HEAD_END)
+        if self._head_started is None:
+            self._head_started = self.loop.time()  # a request's first byte, kept alive
+        tail = self._tail
+        end = (tail + data[:3]).find(HEAD_END) if tail else -1
         if end >= 0:
-            size = self._head_bytes - len(self._tail) + end + len(HEAD_END)
+            end -= len(tail)
+        else:
+            end = data.find(HEAD_END)
+        if end >= 0:
+            size = self._head_bytes + end + len(HEAD_END)
             self._head_bytes, self._tail = 0, b""
         else:
             size = self._head_bytes + len(data)
-            self._head_bytes, self._tail = size, window[-3:]
+            self._head_bytes, self._tail = size, (tail + data)[-3:]
         return size <= self.limits.max_header_bytes
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value) + 4
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm_head_timer()
-        if self._header_count > self.limits.max_headers:
+        self._head_started = None
+        if len(self.headers) > self.limits.max_headers:
             self._refuse(
                 HeadersTooLarge(f"More than {self.limits.max_headers} request header fields.")
             )
             return
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._refuse(self._too_large())
-            return
+        if self._unmeasured:  # pipelined behind another request: measure it field by field
+            self._unmeasured = False
+            size = sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > self.limits.max_header_bytes:
+                self._refuse(self._too_large())
+                return
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
-        self._header_count = self._header_bytes = 0
         super().on_message_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -153,23 +157,28 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             f"The request headers are larger than {self.limits.max_header_bytes} bytes."
         )
 
-    def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
-
     def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timeout(self) -> None:
+    def _check_head(self) -> None:
+        """The connection's one head timer: it fires at the current head's deadline, or a
+        timeout's length later when no head is under way. One timer per connection, re-armed
+        as it fires, rather than one per request."""
         self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        if self._head_bytes or self._tail:
-            self._refuse(RequestTimeout())
-        else:
-            self.transport.close()  # nothing was asked: nothing to answer
+        started, timeout = self._head_started, self.limits.header_timeout
+        now = self.loop.time()
+        if self._in_head and started is not None and now - started >= timeout:
+            if self._head_bytes or self._tail:
+                self._refuse(RequestTimeout())
+            else:
+                self.transport.close()  # nothing was asked: nothing to answer
+            return
+        due = started + timeout if self._in_head and started is not None else now + timeout
+        self._head_timer = self.loop.call_at(due, self._check_head)
 
     def _refuse(self, err: errors.EdgeError) -> None:
         """Answer `err` in edge's JSON and close, unless a response has already started (then

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -250,8 +251,8 @@ def forwarded_headers(
 ) -> list[tuple[str, str]]:
     """The forwarding headers edge sends upstream: a trusted proxy's kept, with the address edge
     saw appended; anyone else's dropped and replaced by what edge itself saw."""
-    if not trusted:
-        sent = []
+    if not trusted or not sent:
+        return _own_forwarding(peer, scheme)
     chain = [v for n, v in sent if n == "x-forwarded-for"]
     out = [(n, v) for n, v in sent if n not in ("x-forwarded-for", "x-forwarded-proto")]
     if peer:
@@ -261,3 +262,14 @@ def forwarded_headers(
     proto = [v for n, v in sent if n == "x-forwarded-proto"]
     out.append(("X-Forwarded-Proto", proto[0] if proto else scheme))
     return out
+
+
+@lru_cache(maxsize=4096)
+def _own_forwarding_cached(peer: str | None, scheme: str) -> tuple[tuple[str, str], ...]:
+    xff = (("X-Forwarded-For", peer),) if peer else ()
+    return (*xff, ("X-Forwarded-Proto", scheme))
+
+
+def _own_forwarding(peer: str | None, scheme: str) -> list[tuple[str, str]]:
+    """What edge itself saw, when no trusted proxy told it more (the common case: cached)."""
+    return list(_own_forwarding_cached(peer, scheme))
