@@ -22,12 +22,15 @@ from pydantic import (
     field_validator,
 )
 
+from edge.settings import error_message, error_place
+
 MAX_SECONDS = 100 * 365 * 86_400  # expiry, grace: whole seconds up to 100 years
 MAX_UNIX = 10**11  # an absolute time edge accepts (year ~5138), 11 digits
 TEXT_LIMIT = 200
 ROUTE = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
 GLOB = re.compile(r"^[\x21-\x7e]{1,128}$")
 STATUSES = ("active", "paused", "revoked")
+# (the settings module words pydantic's errors the same way for config files)
 
 
 def _printable(value: str) -> str:
@@ -156,15 +159,8 @@ class ListQuery(_Spec):
 def explain(exc: ValidationError) -> tuple[str, str | None]:
     """The first error of `exc` as (one line naming the field, the field's dotted path)."""
     error = exc.errors(include_url=False, include_input=False)[0]
-    loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
-    param = ".".join(loc) or None
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif error["type"] == "json_invalid":
-        message = "the body is not valid JSON"
-    elif message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+    param = ".".join(error_place(error)) or None
+    message = error_message(error, unknown="unknown field")
     return (f"{param}: {message}" if param else message), param
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from edge.urls import check_upstream_url, redact_url
 
@@ -302,20 +303,31 @@ def _validate(
         raise ConfigError("; ".join(_explain(exc, origins, default))) from None
 
 
+def error_place(error: ErrorDetails) -> list[str]:
+    """Where a pydantic error is, without validator-function entries."""
+    return [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+
+
+def error_message(error: ErrorDetails, unknown: str = "unknown setting") -> str:
+    """A pydantic error's message, said plainly (shared by settings and request bodies)."""
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return unknown
+    if error["type"] == "missing":
+        return "missing"
+    if error["type"] == "json_invalid":
+        return "the body is not valid JSON"
+    return message.removeprefix("Value error, ")
+
+
 def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> Iterator[str]:
     for error in exc.errors(include_url=False, include_input=False):
-        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+        loc = error_place(error)
         if loc and loc[-1] in ("[key]", "str") and error["type"] == "string_pattern_mismatch":
             loc = loc[:-1]
         dotted = ".".join(loc) or "config"
         source = origins.get(dotted, default)
-        message = error["msg"]
+        message = error_message(error)
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_HELP.get(loc[0], message)
-        elif error["type"] == "extra_forbidden":
-            message = "unknown setting"
-        elif error["type"] == "missing":
-            message = "missing"
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
         yield f"{dotted} ({source}): {message}"
