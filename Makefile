@@ -29,9 +29,11 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## bench: edge against calling the upstream directly, same run (needs wrk, nginx, redis-server)
+## bench: edge vs the upstream called directly vs nginx proxy_pass, in one run; writes
+##        benchmarks/results/<date>-<host>.{json,md,png}. ARGS=--quick for a 30 s pass,
+##        ARGS=--with-litellm to add LiteLLM's proxy (installed in its own venv)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/direct_vs_edge.py $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -1,6 +1,10 @@
-"""A real nginx (Debian's package) on loopback, load-balancing over edge instances with a
-keep-alive upstream pool, as the README's deployment section recommends. Started and stopped
-by PID."""
+"""A real nginx (Debian's package) on loopback, started and stopped by PID.
+
+`Nginx` load-balances over backends with a keep-alive upstream pool, as the README's deployment
+section recommends (the load-balancer tests; the benchmark's C reference proxy). `StaticNginx`
+answers every request with one fixed body (the benchmark's upstream: fast enough that it is
+never what is being measured).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,22 @@ from pathlib import Path
 
 from tests.support.ports import free_port, wait_port
 
-CONFIG = """
+HEAD = """
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 2048; }}
+events {{ worker_connections 4096; }}
+"""
+
+PROXY = """
 http {{
   access_log off;
+  keepalive_requests 1000000;
   upstream edge {{
 {servers}
     keepalive 64;
+    keepalive_requests 1000000;
   }}
   server {{
     listen 127.0.0.1:{port};
@@ -38,8 +47,28 @@ http {{
 }}
 """
 
+STATIC = """
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type {content_type}; return 200 '{body}'; }}
+  }}
+}}
+"""
+
+
+def nginx_binary() -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (run scripts/ensure-packages.sh)")
+    return binary
+
 
 class Nginx:
+    """nginx `proxy_pass` over `backends` (loopback ports)."""
+
     def __init__(self, directory: Path, backends: list[int]) -> None:
         self.dir = directory
         self.port = free_port()
@@ -50,14 +79,20 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Nginx:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(binary).exists():
-            raise RuntimeError("nginx is not installed (run scripts/ensure-packages.sh)")
-        self.dir.mkdir(parents=True, exist_ok=True)
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def config(self) -> str:
         servers = "\n".join(f"    server 127.0.0.1:{p};" for p in self.backends)
+        return HEAD.format(dir=self.dir) + PROXY.format(servers=servers, port=self.port)
+
+    def start(self) -> Nginx:
+        binary = nginx_binary()
+        self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nginx.conf"
-        conf.write_text(CONFIG.format(dir=self.dir, servers=servers, port=self.port))
+        conf.write_text(self.config())
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf), "-p", str(self.dir)],
             stdout=subprocess.DEVNULL,
@@ -74,3 +109,18 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+class StaticNginx(Nginx):
+    """nginx answering every request 200 with `body` (no single quotes in it)."""
+
+    def __init__(self, directory: Path, body: str, content_type: str = "application/json") -> None:
+        super().__init__(directory, [])
+        assert "'" not in body
+        self.body = body
+        self.content_type = content_type
+
+    def config(self) -> str:
+        return HEAD.format(dir=self.dir) + STATIC.format(
+            port=self.port, body=self.body, content_type=self.content_type
+        )

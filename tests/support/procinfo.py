@@ -1,4 +1,5 @@
-"""What a process holds, read from /proc (TESTPLAN helpers `rss`, `fd_count`, `estab_to`)."""
+"""What a process holds, read from /proc (TESTPLAN helpers `rss`, `fd_count`, `estab_to`; the
+benchmark's `tree`, `cpu_seconds`)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,40 @@ def estab_to(port: int) -> int:
         if fields[3] == "01" and target in (fields[1], fields[2]):  # 01: ESTABLISHED
             count += 1
     return count
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a supervisor and its workers, nginx and its worker)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                found += tree(int(child))
+            except OSError:  # it exited meanwhile
+                continue
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(_or_zero(cpu_seconds, p) for p in tree(pid))
+
+
+def tree_rss(pid: int) -> int:
+    return sum(int(_or_zero(rss, p)) for p in tree(pid))
+
+
+def _or_zero(read: object, pid: int) -> float:
+    try:
+        return float(read(pid))  # type: ignore[operator]
+    except (OSError, RuntimeError):
+        return 0.0

@@ -1,0 +1,1 @@
+"""edge's benchmarks: `make bench` (bench.py) and the long soak (soak.py)."""

@@ -1,0 +1,141 @@
+"""The processes one benchmark run measures, started and stopped by PID, loopback only.
+
+Reuses the test suite's process helpers (tests/support): a real redis-server, nginx as the
+static upstream and as the C reference proxy, edge as `edge serve` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.edge_process import REPO, EdgeProcess, edge_env, run_cli
+from tests.support.nginx import Nginx, StaticNginx
+from tests.support.ports import free_port, wait_port
+from tests.support.redis_server import RedisServer
+
+# A ~300-byte chat completion: what every plain request gets from the upstream.
+BODY = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the bench '
+    'upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":6,'
+    '"total_tokens":15}}'
+)
+PATH = "/v1/chat/completions"
+
+
+@dataclass
+class Target:
+    """One configuration under load: where to send requests and which process tree to watch."""
+
+    name: str  # short id: direct, nginx, edge-1w, edge-2w, litellm
+    label: str  # what the table says
+    port: int
+    pid: int | None  # the proxy's process (tree); None for the upstream itself
+    key: str | None = None
+    path: str = PATH
+    edge: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+class SseUpstream:
+    """benchmarks/streams.py's SSE server as its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> SseUpstream:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.streams", "--port", str(self.port)], cwd=REPO
+        )
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Fleet(contextlib.ExitStack):
+    """Everything a run needs; `with Fleet(tmp) as fleet:` stops it all, by PID, on the way out."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.dir = directory
+        self.redis = RedisServer(directory / "redis")
+        self.static = StaticNginx(directory / "upstream", BODY)
+        self.sse = SseUpstream()
+        self.key = ""
+
+    def __enter__(self) -> Fleet:
+        super().__enter__()
+        try:
+            self.redis.start()
+            self.callback(self.redis.stop)
+            self.static.start()
+            self.callback(self.static.stop)
+            self.sse.start()
+            self.callback(self.sse.stop)
+            self.key = self._create_key()
+        except BaseException:
+            self.close()  # __exit__ does not run when __enter__ fails
+            raise
+        return self
+
+    def _create_key(self) -> str:
+        huge = str(10**11)  # the limits are enforced (both buckets, every request) but never hit
+        done = run_cli(
+            "keys", "create", "--plan", "team", "--rpm", huge, "--rpd", huge, "--json",
+            redis_url=self.redis.url,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"could not create the bench key: {done.stderr}")
+        return str(json.loads(done.stdout)["key"])
+
+    def direct(self) -> Target:
+        return Target("direct", "upstream, direct", self.static.port, self.static.pid)
+
+    def nginx(self, upstream_port: int, name: str = "nginx") -> Target:
+        proxy = Nginx(self.dir / f"{name}-{upstream_port}", [upstream_port]).start()
+        self.callback(proxy.stop)
+        return Target(name, "nginx proxy_pass (keepalive pool)", proxy.port, proxy.pid)
+
+    def edge(self, upstream_port: int, workers: int = 1) -> Target:
+        env = edge_env(
+            self.redis.url,
+            f"http://127.0.0.1:{upstream_port}/v1",
+            EDGE_LOG_LEVEL="warning",
+        )
+        args = ("--workers", str(workers))
+        proc = EdgeProcess(self.dir, env, name=f"edge-{workers}w", args=args).start(timeout=60)
+        self.callback(proc.stop)
+        return Target(
+            f"edge-{workers}w",
+            f"edge, {workers} worker{'s' if workers > 1 else ''}",
+            proc.port,
+            proc.pid,
+            key=self.key,
+            edge=True,
+        )
+
+    def sse_direct(self) -> Target:
+        return Target("direct", "upstream, direct", self.sse.port, self.sse.pid)

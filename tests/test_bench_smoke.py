@@ -1,0 +1,52 @@
+"""`make bench`'s harness, run end to end in its quick mode (no timing is asserted: the numbers
+of a shared machine mean nothing to a test; that it runs, measures every configuration and
+writes its three files does)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.edge_process import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [json_file] = tmp_path.glob("*.json")
+    results = json.loads(json_file.read_text())
+    assert json_file.with_suffix(".md").read_text() in done.stdout
+    png = json_file.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    names = {"direct", "nginx", "edge-1w", "edge-2w"}
+    load = {(r["target"], r["connections"]): r for r in results["load"]}
+    assert set(load) == {(n, c) for n in names for c in (1, 32, 128)}
+    for (name, _), row in load.items():
+        assert row["rps"] > 0 and row["p50_ms"] > 0 and row["errors"] == 0, row
+        if name != "direct":
+            assert row["cpu_us_per_req"] > 0 and row["rss_mb"] > 0
+            assert "added_p50_ms" in row and "vs_nginx" in row
+    for name in ("edge-1w", "edge-2w"):
+        # exactly one Redis command (the admission EVALSHA) for every admitted request
+        assert load[(name, 1)]["redis_cmds_per_req"] == 1.0
+
+    streams = {(r["target"], r["streams"]): r for r in results["streams"]}
+    assert set(streams) == {(n, s) for n in ("direct", "nginx", "edge-1w") for s in (1, 50)}
+    for (_, count), row in streams.items():
+        assert row["failed_streams"] == 0
+        assert row["events"] == count * results["streams_meta"]["chunks"]
+    assert {t["what"] for t in results["targets"]} >= {"edge added TTFB, 1 stream"}
+    assert any("LiteLLM" in note for note in results["notes"])
