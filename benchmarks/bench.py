@@ -266,7 +266,7 @@ def _versions() -> dict[str, str]:
         "wrk": first(["wrk", "-v"], r"wrk (\S+)"),
         "redis": first(["redis-server", "--version"], r"v=(\S+)"),
     }
-    for package in ("uvicorn", "aiohttp", "redis", "starlette"):
+    for package in ("uvicorn", "httptools", "uvloop", "redis", "starlette"):
         found[package if package != "redis" else "redis-py"] = metadata.version(package)
     return found
 

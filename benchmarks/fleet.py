@@ -119,14 +119,15 @@ class Fleet(contextlib.ExitStack):
         self.callback(proxy.stop)
         return Target(name, "nginx proxy_pass (keepalive pool)", proxy.port, proxy.pid)
 
-    def edge(self, upstream_port: int, workers: int = 1) -> Target:
+    def edge(self, upstream_port: int, workers: int = 1, wrapper: tuple[str, ...] = ()) -> Target:
         env = edge_env(
             self.redis.url,
             f"http://127.0.0.1:{upstream_port}/v1",
             EDGE_LOG_LEVEL="warning",
         )
         args = ("--workers", str(workers))
-        proc = EdgeProcess(self.dir, env, name=f"edge-{workers}w", args=args).start(timeout=60)
+        name = f"edge-{workers}w"
+        proc = EdgeProcess(self.dir, env, name, args, wrapper).start(timeout=300 if wrapper else 60)
         self.callback(proc.stop)
         return Target(
             f"edge-{workers}w",

@@ -46,11 +46,15 @@ def py_spy() -> str:
 
 def package(frame: str) -> str:
     m = FRAME.match(frame)
-    path = m.group("file") if m else frame
+    if m is None:
+        return "other"
+    path = "/" + m.group("file")
+    if path.endswith("asyncio/runners.py"):
+        return "event loop (uvloop, C: I/O and syscalls)"
     for name, marker in PACKAGES:
         if marker in path:
             return name
-    return "other (stdlib, C, idle)" if m else frame
+    return "stdlib, other"
 
 
 def report(raw: Path, top: int) -> None:
@@ -77,7 +81,7 @@ def report(raw: Path, top: int) -> None:
     print(f"\ntop {top} edge functions, inclusive:")
     shown = 0
     for frame, n in inclusive.most_common():
-        if "/edge/" in frame and shown < top:
+        if "(edge/" in frame and shown < top:
             print(f"  {n / total:6.1%}  {frame}")
             shown += 1
 

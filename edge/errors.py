@@ -19,8 +19,8 @@ Messages follow OpenAI's wording where OpenAI has one, because client libraries 
 errors by it: LiteLLM, for one, treats a 401 as an authentication error only when its message
 contains "Incorrect API key provided". They never echo a key, a secret or a header value.
 
-Third-party exceptions are translated where they arise (redis in `scripts.py`, aiohttp in
-`proxy.py`); `send_error` (raw ASGI) and `error_response` (Starlette) render them all.
+Third-party exceptions are translated where they arise (redis in `scripts.py`, the upstream
+client's in `proxy.py`); `send_error` (raw ASGI) and `error_response` (Starlette) render them all.
 """
 
 from __future__ import annotations

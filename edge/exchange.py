@@ -1,9 +1,9 @@
-"""The state of one /v1 request, shared by the handler, the request-body stream and the watcher
-that notices when the client goes away.
+"""The state of one /v1 request, shared by the handler and the request-body stream.
 
 A client that leaves, before or after the first upstream byte, cancels the request's task at
-once (the watcher waits for `http.disconnect`), so the upstream request is closed, its pool slot
-freed, and the provider stops generating.
+once, so the upstream request is closed, its pool slot freed, and the provider stops
+generating. edge's server protocol reports the lost connection (`ClientLink`, in the scope);
+no task or timer per request watches for it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from edge import errors
 from edge.errors import Headers
+from edge.http_protocol import CLIENT, ClientLink
 from edge.limiter import Decision, rate_limit_headers
 from edge.metrics import NO_PLAN
 
@@ -24,7 +25,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
 SPOOL_IN_MEMORY = 1024 * 1024  # a spooled chunked body beyond this goes to a temporary file
 SPOOL_READ = 64 * 1024
 
@@ -43,6 +43,7 @@ class Exchange:
         "decision",
         "early_body",
         "finished",
+        "link",
         "outcome",
         "plan",
         "rate_headers",
@@ -53,9 +54,7 @@ class Exchange:
         "start",
         "started",
         "task",
-        "timer",
         "too_large",
-        "watcher",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,8 +63,7 @@ class Exchange:
         self.send = send
         self.start = perf_counter()
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.link: ClientLink | None = scope.get(CLIENT)
         self.plan = NO_PLAN  # the metrics label
         self.outcome: str | None = None  # edge_requests_total's outcome, counted at the end
         self.decision: Decision | None = None
@@ -167,32 +165,26 @@ class Exchange:
         return _unspool(spool)
 
     def watch(self) -> None:
-        """Start waiting for the client to go away; called once the body is fully read.
+        """From now on (the body is fully read), a client that leaves cancels this request at
+        once. Raises ClientGone if it already has."""
+        link = self.link
+        if link is None:  # not under edge's server (in-process tests): nobody reports it
+            return
+        if link.gone:
+            self.client_gone = True
+            raise ClientGone
+        link.on_gone = self._client_left
 
-        A request that is over within `WATCH_AFTER` seconds never pays for the watcher task;
-        a client that leaves sooner is noticed when the timer fires.
-        """
-        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watch)
-
-    def _start_watch(self) -> None:
-        self.timer = None
-        if not self.finished:
-            self.watcher = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
+    def _client_left(self) -> None:
         if not self.finished and self.task is not None:
             self.client_gone = True
             self.task.cancel()
 
     def stop(self) -> None:
-        """The response is complete (or abandoned): stop watching the client."""
+        """The response is complete (or abandoned): a client leaving now changes nothing."""
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
+        if self.link is not None:
+            self.link.on_gone = None
 
 
 async def _unspool(spool: IO[bytes]) -> AsyncIterator[bytes]:

@@ -15,16 +15,27 @@ connection, before anything reaches the app (so before Redis or the upstream):
 
 uvicorn's own answer to a request it cannot parse (the smuggling probes: Content-Length with
 chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
+
+And three things the request path needs, each saving per-request work:
+- a response start flagged `edge.body_follows` (the proxy's, when the upstream's whole answer
+  is already in) leaves in one write with the body, not two (`EdgeCycle`): one syscall and one
+  packet fewer per typical request;
+- each request's scope carries a `ClientLink` through which the protocol reports a lost
+  connection the moment it happens, so the proxy needs no watcher task or timer per request;
+- keep-alive idleness is enforced by the connection's one timer (the head timer), not by a
+  timer uvicorn arms after every response and cancels on the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edge import errors
 from edge.settings import ServerSettings
@@ -38,6 +49,8 @@ REASONS = {
     503: b"Service Unavailable",
 }
 INVALID_REQUEST = errors.BadRequest("Invalid HTTP request received.", code="invalid_http_request")
+BODY_FOLLOWS = "edge.body_follows"  # in an http.response.start: the body is sent right after
+CLIENT = "edge.client"  # scope key: the request's ClientLink
 
 
 class HeadersTooLarge(errors.EdgeError):
@@ -71,6 +84,18 @@ def protocol_class(limits: Limits) -> type[EdgeHttpToolsProtocol]:
     return type("EdgeHttpToolsProtocol", (EdgeHttpToolsProtocol,), {"limits": limits})
 
 
+class ClientLink:
+    """One request's news of its client: `gone` once the connection is lost before the response
+    completed; `on_gone`, if the handler set it, is called at that moment."""
+
+    __slots__ = ("cycle", "gone", "on_gone")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+        self.gone = False
+        self.on_gone: Callable[[], None] | None = None
+
+
 class EdgeHttpToolsProtocol(HttpToolsProtocol):
     limits = Limits(16 * 1024, 100, 10.0, 0)
 
@@ -82,6 +107,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._unmeasured = False  # a read arrived mid-request: the next head may start in it
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started: float | None = None  # loop time of the current head's first byte
+        self._idle_since: float | None = None  # keep-alive: when the last response completed
+        self._links: list[ClientLink] = []  # of the requests whose responses are not complete
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -96,6 +123,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+        links, self._links = self._links, []
+        for link in links:
+            if not link.cycle.response_complete:
+                link.gone = True
+                if link.on_gone is not None:
+                    link.on_gone()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -111,6 +144,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         """Count `data` against the head budget; False once the head is over it."""
         if self._head_started is None:
             self._head_started = self.loop.time()  # a request's first byte, kept alive
+            self._idle_since = None
         tail = self._tail
         end = (tail + data[:3]).find(HEAD_END) if tail else -1
         if end >= 0:
@@ -140,6 +174,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(self._too_large())
                 return
         super().on_headers_complete()
+        cycle = self.cycle
+        if type(cycle) is RequestResponseCycle:  # a new one (not the upgrade path)
+            cycle.__class__ = EdgeCycle
+            link = cast(dict[str, Any], cycle.scope)[CLIENT] = ClientLink(cycle)
+            links = self._links
+            if links and links[0].cycle.response_complete:
+                links = self._links = [k for k in links if not k.cycle.response_complete]
+            links.append(link)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
@@ -148,6 +190,24 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, except that instead of arming a keep-alive timer after every response
+        it notes when the connection went idle; `_check_head` closes it after
+        `keepalive_timeout` seconds (uvicorn's `timeout_keep_alive`) of that."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(
+                self._idle_since + self.timeout_keep_alive, self._check_head
+            )
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(INVALID_REQUEST)
@@ -163,9 +223,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _check_head(self) -> None:
-        """The connection's one head timer: it fires at the current head's deadline, or a
-        timeout's length later when no head is under way. One timer per connection, re-armed
-        as it fires, rather than one per request."""
+        """The connection's one timer. It fires at the current head's deadline; when no head
+        is under way, at the keep-alive deadline of an idle connection, or a timeout's length
+        later. One timer per connection, re-armed as it fires, rather than one per request."""
         self._head_timer = None
         if self.transport.is_closing():
             return
@@ -178,7 +238,18 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()  # nothing was asked: nothing to answer
             return
         due = started + timeout if self._in_head and started is not None else now + timeout
+        idle = self._idle_since
+        if idle is not None and started is None and self._idle():
+            if now - idle >= self.timeout_keep_alive:
+                self.transport.close()  # kept alive long enough, unused
+                return
+            due = min(due, idle + self.timeout_keep_alive)
         self._head_timer = self.loop.call_at(due, self._check_head)
+
+    def _idle(self) -> bool:
+        """No request is being answered and none waits in the pipeline."""
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and not self.pipeline
 
     def _refuse(self, err: errors.EdgeError) -> None:
         """Answer `err` in edge's JSON and close, unless a response has already started (then
@@ -207,3 +278,50 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+class _Recorder:
+    """Stands in for the transport while uvicorn frames one message: keeps what it writes.
+    (uvicorn's `send` calls only `write` and `close` on it.)"""
+
+    __slots__ = ("closing", "data")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def close(self) -> None:
+        self.closing = True
+
+
+class EdgeCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, except that a response start flagged
+    `edge.body_follows` is framed (and checked) by uvicorn as usual but held back, then written
+    together with the next body message. Unflagged messages take uvicorn's path untouched."""
+
+    held: bytes | None = None
+
+    async def send(self, message: ASGISendEvent) -> None:
+        held = self.held
+        if held is None and not message.get(BODY_FOLLOWS):
+            await super().send(message)
+            return
+        transport = self.transport
+        recorder = _Recorder()
+        self.transport = recorder  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+        if held is None:
+            self.held = b"".join(recorder.data)
+            return
+        self.held = None
+        data = held + b"".join(recorder.data)
+        if data and not transport.is_closing():
+            transport.write(data)
+        if recorder.closing:
+            transport.close()

@@ -32,7 +32,7 @@ def configure(level: str) -> None:
         log.handlers[:] = []
         log.propagate = True
     logging.getLogger("uvicorn.error").addFilter(_DropUvicornNoise())
-    # aiohttp and redis log nothing useful at debug for an operator, and could echo URLs.
+    # aiohttp (the demo upstream) and redis log nothing useful at debug, and could echo URLs.
     for name in ("aiohttp", "redis", "asyncio"):
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 

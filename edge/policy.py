@@ -9,11 +9,12 @@ no percent-encoding can move the request outside the base.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from functools import lru_cache
 from typing import NamedTuple
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import orjson
 
@@ -37,7 +38,7 @@ HOP_BY_HOP = frozenset(
 )
 # Besides hop-by-hop: the client's credentials (in any header a client might put them), the
 # OpenAI organisation and project (the operator's to choose: `upstream.organization`,
-# `upstream.project`), and framing aiohttp sets itself for the upstream connection.
+# `upstream.project`), and framing the upstream client sets itself (Host, Content-Length).
 REQUEST_DROP = HOP_BY_HOP | {
     b"host",
     b"authorization",
@@ -63,29 +64,34 @@ RESPONSE_DROP = HOP_BY_HOP | {
     b"openai-organization",
     b"openai-project",
 }
+# `Connection` values that name no other header (nearly every response's): nothing to drop.
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 API_PREFIX = b"/v1/"
 BAD_QUERY_BYTE = re.compile(rb"[^\x21-\x7e]")  # spaces, controls, non-ASCII
 
 
-class Inbound(NamedTuple):
-    """What the upstream request needs from the client's headers."""
+RawHeaders = list[tuple[bytes, bytes]]
 
-    headers: list[tuple[str, str]]  # to forward: no hop-by-hop, no client credentials
+
+class Inbound(NamedTuple):
+    """What the upstream request needs from the client's headers (bytes as they came)."""
+
+    headers: RawHeaders  # to forward: no hop-by-hop, no client credentials
     auth: bytes | None  # the one Authorization value; None when absent or repeated
     length: bytes | None  # Content-Length as sent
-    forwarding: list[tuple[str, str]]  # X-Forwarded-* / Forwarded as sent (see FORWARDING)
+    forwarding: RawHeaders  # X-Forwarded-* / Forwarded as sent (see FORWARDING)
 
 
-def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
+def inbound_headers(raw: RawHeaders) -> Inbound:
     """One pass over the client's headers (names already lower-cased by the server)."""
-    headers: list[tuple[str, str]] = []
-    forwarding: list[tuple[str, str]] = []
+    headers: RawHeaders = []
+    forwarding: RawHeaders = []
     auth: list[bytes] = []
     length: bytes | None = None
     listed: bytes | None = None
     for name, value in raw:
         if name in FORWARDING:
-            forwarding.append((name.decode("latin-1"), value.decode("latin-1")))
+            forwarding.append((name, value))
             continue
         if name in REQUEST_DROP:
             if name == b"authorization":
@@ -95,14 +101,14 @@ def inbound_headers(raw: list[tuple[bytes, bytes]]) -> Inbound:
             elif name == b"connection":
                 listed = value if listed is None else listed + b"," + value
             continue
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.append((name, value))
     if listed is not None:
-        drop = {t.strip().lower().decode("latin-1") for t in listed.split(b",")}
+        drop = {t.strip().lower() for t in listed.split(b",")}
         headers = [(n, v) for n, v in headers if n not in drop]
     return Inbound(headers, auth[0] if len(auth) == 1 else None, length, forwarding)
 
 
-def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> Headers:
+def response_headers(raw: RawHeaders) -> Headers:
     """The upstream's response headers minus hop-by-hop ones (RFC 9110 §7.6.1) and those edge
     replaces; names lower-cased, values untouched."""
     out: Headers = []
@@ -110,7 +116,7 @@ def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> Headers:
     for name, value in raw:
         lname = name.lower()
         if lname in RESPONSE_DROP or lname.startswith(b"x-ratelimit-"):
-            if lname == b"connection":
+            if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
                 listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
             continue
         out.append((lname, value))
@@ -204,24 +210,31 @@ def body_model(body: bytes) -> str | None:
     return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_CHARS else None
 
 
-def upstream_url(base: str, raw_path: bytes, query: bytes) -> str:
-    """The provider URL for a checked target: `<base>/<rest>?<query>`, bytes as sent."""
-    rest = raw_path[len(API_PREFIX) - 1 :].decode("ascii")
-    return base + rest + ("?" + query.decode("ascii") if query else "")
+def upstream_target(base_path: bytes, raw_path: bytes, query: bytes) -> bytes:
+    """The request target sent upstream for a checked one: `<base path>/<rest>?<query>`, bytes
+    as the client sent them (`base_path`: the upstream URL's path, without a trailing `/`)."""
+    target = base_path + raw_path[len(API_PREFIX) - 1 :]
+    return target + b"?" + query if query else target
 
 
-def provider_headers(upstream: UpstreamSettings) -> list[tuple[str, str]]:
-    """What edge adds to every upstream request: the provider key, and the operator's own
-    OpenAI organisation and project when set (clients' are dropped: REQUEST_DROP)."""
+def provider_headers(upstream: UpstreamSettings) -> RawHeaders:
+    """What edge adds to every upstream request: the provider key (or Basic auth from the
+    upstream URL's user:password, percent-decoded), and the operator's own OpenAI organisation
+    and project when set (clients' are dropped: REQUEST_DROP). The settings hold each to
+    printable ASCII, so none can break out of its header line."""
     out: list[tuple[str, str]] = []
     key = upstream.api_key.get_secret_value()
+    parts = urlsplit(upstream.url)
     if key:
         out.append(("Authorization", f"Bearer {key}"))
+    elif parts.username is not None:
+        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        out.append(("Authorization", "Basic " + base64.b64encode(userinfo.encode()).decode()))
     if upstream.organization:
         out.append(("OpenAI-Organization", upstream.organization))
     if upstream.project:
         out.append(("OpenAI-Project", upstream.project))
-    return out
+    return [(name.encode("ascii"), value.encode("ascii")) for name, value in out]
 
 
 class TrustedProxies:
@@ -246,30 +259,28 @@ class TrustedProxies:
         return known
 
 
-def forwarded_headers(
-    sent: list[tuple[str, str]], peer: str | None, scheme: str, trusted: bool
-) -> list[tuple[str, str]]:
+def forwarded_headers(sent: RawHeaders, peer: str | None, scheme: str, trusted: bool) -> RawHeaders:
     """The forwarding headers edge sends upstream: a trusted proxy's kept, with the address edge
     saw appended; anyone else's dropped and replaced by what edge itself saw."""
     if not trusted or not sent:
         return _own_forwarding(peer, scheme)
-    chain = [v for n, v in sent if n == "x-forwarded-for"]
-    out = [(n, v) for n, v in sent if n not in ("x-forwarded-for", "x-forwarded-proto")]
+    chain = [v for n, v in sent if n == b"x-forwarded-for"]
+    out = [(n, v) for n, v in sent if n not in (b"x-forwarded-for", b"x-forwarded-proto")]
     if peer:
-        chain.append(peer)
+        chain.append(peer.encode("ascii"))
     if chain:
-        out.append(("X-Forwarded-For", ", ".join(chain)))
-    proto = [v for n, v in sent if n == "x-forwarded-proto"]
-    out.append(("X-Forwarded-Proto", proto[0] if proto else scheme))
+        out.append((b"X-Forwarded-For", b", ".join(chain)))
+    proto = [v for n, v in sent if n == b"x-forwarded-proto"]
+    out.append((b"X-Forwarded-Proto", proto[0] if proto else scheme.encode("ascii")))
     return out
 
 
 @lru_cache(maxsize=4096)
-def _own_forwarding_cached(peer: str | None, scheme: str) -> tuple[tuple[str, str], ...]:
-    xff = (("X-Forwarded-For", peer),) if peer else ()
-    return (*xff, ("X-Forwarded-Proto", scheme))
+def _own_forwarding_cached(peer: str | None, scheme: str) -> tuple[tuple[bytes, bytes], ...]:
+    xff = ((b"X-Forwarded-For", peer.encode("ascii")),) if peer else ()
+    return (*xff, (b"X-Forwarded-Proto", scheme.encode("ascii")))
 
 
-def _own_forwarding(peer: str | None, scheme: str) -> list[tuple[str, str]]:
+def _own_forwarding(peer: str | None, scheme: str) -> RawHeaders:
     """What edge itself saw, when no trusted proxy told it more (the common case: cached)."""
     return list(_own_forwarding_cached(peer, scheme))

@@ -1,28 +1,27 @@
 """The /v1 data plane: a raw ASGI handler that authenticates, admits and relays.
 
 Per request: check the target and headers (`policy.py`, no I/O) → parse the key (no I/O) → one
-`admit.lua` call → the upstream request through the one pooled aiohttp session, with the
-client's key swapped for the provider's and hop-by-hop headers dropped → the upstream's status,
-headers and bytes relayed chunk by chunk as they arrive, never decoded or buffered whole.
+`admit.lua` call → the upstream request through the process's keep-alive pool (`upstream.py`),
+with the client's key swapped for the provider's and hop-by-hop headers dropped → the
+upstream's status, headers and bytes relayed piece by piece as they arrive, never decoded or
+buffered whole.
 
-aiohttp's exceptions are translated here and nowhere else; anything else that escapes is an
-edge bug, logged with its traceback and answered 500.
+The upstream client's errors are translated here and nowhere else; anything else that escapes
+is an edge bug, logged with its traceback and answered 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import TYPE_CHECKING
-
-import aiohttp
-from yarl import URL
 
 from edge import errors
 from edge.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
 from edge.fail_open import FailOpen
+from edge.hints import KidHints
+from edge.http_protocol import BODY_FOLLOWS
 from edge.keys import ParsedKey, bearer_token
 from edge.limiter import (
     MODEL_NOT_READ,
@@ -45,10 +44,10 @@ from edge.policy import (
     inbound_headers,
     provider_headers,
     response_headers,
-    upstream_url,
+    upstream_target,
 )
 from edge.scripts import RedisUnavailable
-from edge.upstream import NEVER_SENT, KidHints, body_was_reset, describe
+from edge.upstream import Response, UpstreamError, describe
 
 if TYPE_CHECKING:
     from edge.runtime import Runtime
@@ -61,6 +60,7 @@ NO_KEY = (
 )
 STARTING = errors.ServiceUnavailable("The server is not ready yet: edge is starting up.")
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
+NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # bodyless: no Content-Length: 0
 
 
 class Proxy:
@@ -78,7 +78,7 @@ class Proxy:
         self._fail_open = FailOpen(redis.fail_open_auth_ttl) if redis.fail_open else None
         self._provider = provider_headers(rt.settings.upstream)
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
-        self._base = rt.upstream_base.rstrip("/")
+        self._base_path = rt.upstream.origin.base_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.rt
@@ -143,7 +143,8 @@ class Proxy:
             await self._reject(rt, ex, decision, key.kid)
             return
         ex.admitted(decision, rt.metrics.label(decision.plan))
-        await self._forward(rt, ex, upstream_url(self._base, raw_path, query), inbound, key.kid)
+        target = upstream_target(self._base_path, raw_path, query)
+        await self._forward(rt, ex, target, inbound, key.kid)
 
     async def _admit(self, rt: Runtime, ex: Exchange, key: ParsedKey, route: str) -> Decision:
         """One admit.lua call; two only the first time a key with model scopes is seen.
@@ -187,7 +188,7 @@ class Proxy:
         await ex.fail(answer.error, answer.outcome, answer.headers)
 
     async def _forward(
-        self, rt: Runtime, ex: Exchange, url: str, inbound: Inbound, kid: str
+        self, rt: Runtime, ex: Exchange, target: bytes, inbound: Inbound, kid: str
     ) -> None:
         try:
             data = await ex.request_body(self.policy.max_body, inbound.length is not None)
@@ -202,24 +203,29 @@ class Proxy:
         scheme = ex.scope.get("scheme", "http")
         forwarding = forwarded_headers(inbound.forwarding, peer, scheme, trusted)
         headers = inbound.headers + forwarding + self._provider
-        if isinstance(data, AsyncIterator):
-            length = inbound.length.decode("ascii") if inbound.length else ex.spooled_length
-            headers.append(("Content-Length", str(length)))
+        method = ex.method
+        length: int | None
+        if isinstance(data, bytes):
+            length = len(data)
+        elif data is None:
+            length = None if method in NO_LENGTH else 0
+        else:
+            length = int(inbound.length) if inbound.length else ex.spooled_length
 
         sent = perf_counter()
         rt.metrics.admission.observe(sent - ex.start)
         try:
-            resp = await rt.session.request(
-                ex.method, URL(url, encoded=True), headers=headers, data=data, allow_redirects=False
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if isinstance(exc, NEVER_SENT) and ex.decision and ex.decision.credits != UNLIMITED:
+            resp = await rt.upstream.request(method, target, headers, data, length)
+        except (UpstreamError, ClientGone, BodyTooLarge) as exc:
+            never_sent = isinstance(exc, UpstreamError) and exc.never_sent
+            if never_sent and ex.decision and ex.decision.credits != UNLIMITED:
                 await self._refund(rt, kid)
             if ex.client_gone:
                 return
             if ex.too_large:
                 await ex.fail(self.policy.too_large(), "bad_request")
                 return
+            assert isinstance(exc, UpstreamError)
             await ex.fail(self._upstream_error(exc), "upstream_error")
             return
         try:
@@ -229,35 +235,26 @@ class Proxy:
         finally:
             resp.close()
 
-    async def _relay(self, resp: aiohttp.ClientResponse, ex: Exchange) -> None:
-        """Send the upstream's answer on, chunk by chunk; a cut upstream body ends the client's
+    async def _relay(self, resp: Response, ex: Exchange) -> None:
+        """Send the upstream's answer on, piece by piece; a cut upstream body ends the client's
         response without its final chunk (the connection closes), so a cut answer is never
         mistaken for a whole one."""
         send = ex.send
         ex.started = True
-        headers = response_headers(resp.raw_headers) + ex.rate_headers
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        protocol = resp.connection.protocol if resp.connection is not None else None
-        content = resp.content
+        headers = response_headers(resp.headers) + ex.rate_headers
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
+        if resp.buffered:
+            start[BODY_FOLLOWS] = True  # the first read() returns at once: one write for both
+        await send(start)
         try:
-            while chunk := await content.readany():
-                if content.at_eof():  # the last chunk: send it as the end of the body
-                    if body_was_reset(protocol, resp):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        break
+            while True:
+                chunk = await resp.read()
+                if resp.done:  # read() hands over all that arrived: this is the last piece
                     ex.stop()
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    resp.release()
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            else:
-                if not body_was_reset(protocol, resp):
-                    ex.stop()
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    resp.release()
-                    return
-            self._cut(ex, "the upstream reset the connection")
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             self._cut(ex, describe(exc))
 
     async def _refund(self, rt: Runtime, kid: str) -> None:
@@ -274,8 +271,8 @@ class Proxy:
             "upstream-cut", "upstream body cut mid-way (%s); ending the client's response", why
         )
 
-    def _upstream_error(self, exc: Exception) -> errors.EdgeError:
-        if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts included
+    def _upstream_error(self, exc: UpstreamError) -> errors.EdgeError:
+        if exc.timeout:  # connect (or pool slot) and read deadlines alike
             self._log_throttled("upstream-timeout", "upstream timed out: %s", describe(exc))
             return errors.UpstreamTimeout()
         self._log_throttled("upstream-error", "upstream unreachable: %s", describe(exc))

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from edge import connection
 from edge.demo import start_demo_upstream
 from edge.keys import KeyFormat
@@ -23,7 +21,7 @@ from edge.redis_types import ScriptClient
 from edge.scripts import Scripts
 from edge.settings import Settings
 from edge.store import KeyStore
-from edge.upstream import upstream_session
+from edge.upstream import UpstreamPool
 
 log = logging.getLogger("edge")
 
@@ -36,7 +34,7 @@ class Runtime:
     scripts: Scripts
     limiter: Limiter
     metrics: Metrics
-    session: aiohttp.ClientSession
+    upstream: UpstreamPool
     upstream_base: str
     key_format: KeyFormat
     store: KeyStore
@@ -60,8 +58,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         upstream_base = settings.upstream.url
         if settings.demo_upstream:
             upstream_base = await stack.enter_async_context(start_demo_upstream())
-        session = upstream_session(settings.upstream)
-        stack.push_async_callback(session.close)
+        up = settings.upstream
+        upstream = UpstreamPool(
+            upstream_base, up.max_connections, up.connect_timeout, up.read_timeout
+        )
+        stack.push_async_callback(upstream.close)
 
         metrics = Metrics(settings.plans)
         yield Runtime(
@@ -71,7 +72,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             scripts=scripts,
             limiter=Limiter(hot, scripts, settings.plans, metrics),
             metrics=metrics,
-            session=session,
+            upstream=upstream,
             upstream_base=upstream_base,
             key_format=KeyFormat(settings.keys.prefix),
             store=KeyStore(redis, scripts, settings),

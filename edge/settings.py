@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -94,9 +95,15 @@ def _header_value(value: str) -> str:
     return value
 
 
+def _secret_header_value(value: SecretStr) -> SecretStr:
+    _header_value(value.get_secret_value())
+    return value
+
+
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
+SecretHeaderValue = Annotated[SecretStr, AfterValidator(_secret_header_value)]
 
 
 class _WithUrl(_Section):
@@ -138,7 +145,7 @@ class RedisSettings(_WithUrl):
 
 class UpstreamSettings(_WithUrl):
     url: UpstreamUrl = ""
-    api_key: SecretStr = SecretStr("")
+    api_key: SecretHeaderValue = SecretStr("")
     organization: HeaderValue = ""  # the operator's own OpenAI-Organization; clients' dropped
     project: HeaderValue = ""  # the operator's own OpenAI-Project; clients' are dropped
     connect_timeout: Seconds = 5.0
@@ -210,6 +217,11 @@ class Settings(_Section):
             )
         if self.admin.port and self.admin.port == self.server.port:
             raise ValueError("admin.port must differ from server.port (or be 0: same listener)")
+        if "@" in urlsplit(self.upstream.url).netloc and self.upstream.api_key.get_secret_value():
+            raise ValueError(
+                "upstream.url carries user:password (sent as Basic auth) and upstream.api_key "
+                "is set (sent as Bearer): the upstream gets one Authorization header; keep one"
+            )
         return self
 
     @property

@@ -24,9 +24,10 @@ from edge.policy import (
     provider_headers,
     response_headers,
     unsafe_path,
-    upstream_url,
+    upstream_target,
 )
 from edge.settings import UpstreamSettings
+from edge.upstream import Origin
 
 POLICY = TargetPolicy("gw_sk_", max_body=1000)
 
@@ -110,9 +111,9 @@ def test_inbound_headers_drop_hop_by_hop_credentials_and_framing() -> None:
     ]
     inbound = inbound_headers(raw)
     assert inbound.headers == [
-        ("content-type", "application/json"),
-        ("accept-encoding", "gzip"),
-        ("user-agent", "OpenAI/Python 1.0 \xe9"),
+        (b"content-type", b"application/json"),
+        (b"accept-encoding", b"gzip"),
+        (b"user-agent", b"OpenAI/Python 1.0 \xe9"),
     ]
     assert inbound.auth == b"Bearer gw_sk_x"
     assert inbound.length == b"12"
@@ -130,7 +131,7 @@ def test_inbound_headers_drop_the_clients_openai_organization_and_project() -> N
         (b"openai-project", b"proj-chosen-by-client"),
         (b"openai-beta", b"assistants=v2"),
     ]
-    assert inbound_headers(raw).headers == [("openai-beta", "assistants=v2")]
+    assert inbound_headers(raw).headers == [(b"openai-beta", b"assistants=v2")]
 
 
 def test_provider_headers_carry_the_operators_key_organization_and_project() -> None:
@@ -138,11 +139,17 @@ def test_provider_headers_carry_the_operators_key_organization_and_project() -> 
         api_key=SecretStr("sk-op"), organization="org-op", project="proj-op"
     )
     assert provider_headers(upstream) == [
-        ("Authorization", "Bearer sk-op"),
-        ("OpenAI-Organization", "org-op"),
-        ("OpenAI-Project", "proj-op"),
+        (b"Authorization", b"Bearer sk-op"),
+        (b"OpenAI-Organization", b"org-op"),
+        (b"OpenAI-Project", b"proj-op"),
     ]
     assert provider_headers(UpstreamSettings()) == []
+
+
+def test_user_info_in_the_upstream_url_is_sent_as_basic_auth() -> None:
+    upstream = UpstreamSettings(url="https://user:p%40ss@vllm.internal/v1")
+    assert provider_headers(upstream) == [(b"Authorization", b"Basic dXNlcjpwQHNz")]  # user:p@ss
+    assert Origin(upstream.url).host_header == b"vllm.internal"
 
 
 def _encodings(text: str) -> set[str]:
@@ -167,14 +174,19 @@ def test_paths_outside_the_prefix_are_refused(raw: bytes) -> None:
     assert isinstance(POLICY.check(raw, b"", None), errors.NotFound)
 
 
-@pytest.mark.parametrize("base", ["http://127.0.0.1:9", "http://up.example/v1", "https://h/a/b"])
-def test_upstream_url_is_the_checked_raw_path_under_the_base(base: str) -> None:
+@pytest.mark.parametrize(
+    ("base", "path"),
+    [("http://127.0.0.1:9", b""), ("http://up.example/v1/", b"/v1"), ("https://h/a/b", b"/a/b")],
+)
+def test_upstream_target_is_the_checked_raw_path_under_the_base(base: str, path: bytes) -> None:
+    base_path = Origin(base).base_path
+    assert base_path == path
     raw = b"/v1/chat/completions"
     assert POLICY.check(raw, b"a=1", None) is None
-    assert upstream_url(base, raw, b"a=1") == base + "/chat/completions?a=1"
-    assert upstream_url(base, b"/v1/", b"") == base + "/"
-    # the forwarded path always starts with '/': it can never extend the host or port
-    assert upstream_url(base, b"/v1/%31:99/x", b"")[len(base)] == "/"
+    assert upstream_target(base_path, raw, b"a=1") == path + b"/chat/completions?a=1"
+    assert upstream_target(base_path, b"/v1/", b"") == path + b"/"
+    # the target always starts with '/': it can never extend the host or port
+    assert upstream_target(base_path, b"/v1/%31:99/x", b"").startswith(b"/")
 
 
 KEY = make_key("gw_sk_", new_kid())
@@ -233,24 +245,24 @@ def test_bad_query_bytes_are_refused(query: bytes) -> None:
 
 def test_forwarding_headers_from_an_untrusted_client_are_replaced() -> None:
     sent = [
-        ("x-forwarded-for", "6.6.6.6"),
-        ("x-forwarded-proto", "https"),
-        ("forwarded", "for=6.6.6.6"),
-        ("x-real-ip", "6.6.6.6"),
+        (b"x-forwarded-for", b"6.6.6.6"),
+        (b"x-forwarded-proto", b"https"),
+        (b"forwarded", b"for=6.6.6.6"),
+        (b"x-real-ip", b"6.6.6.6"),
     ]
-    inbound = inbound_headers([(n.encode(), v.encode()) for n, v in sent])
+    inbound = inbound_headers(sent)
     assert inbound.headers == [] and inbound.forwarding == sent
     assert forwarded_headers(inbound.forwarding, "10.1.2.3", "http", trusted=False) == [
-        ("X-Forwarded-For", "10.1.2.3"),
-        ("X-Forwarded-Proto", "http"),
+        (b"X-Forwarded-For", b"10.1.2.3"),
+        (b"X-Forwarded-Proto", b"http"),
     ]
 
 
 def test_a_trusted_proxys_chain_is_kept_and_extended() -> None:
-    sent = [("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-proto", "https")]
+    sent = [(b"x-forwarded-for", b"1.1.1.1, 2.2.2.2"), (b"x-forwarded-proto", b"https")]
     assert forwarded_headers(sent, "10.0.0.5", "http", trusted=True) == [
-        ("X-Forwarded-For", "1.1.1.1, 2.2.2.2, 10.0.0.5"),
-        ("X-Forwarded-Proto", "https"),
+        (b"X-Forwarded-For", b"1.1.1.1, 2.2.2.2, 10.0.0.5"),
+        (b"X-Forwarded-Proto", b"https"),
     ]
 
 

@@ -1,7 +1,7 @@
 """edge/proxy.py in-process, with a real Redis: what only a broken dependency can show.
 
-The upstream boundary catches what aiohttp throws (ClientError, TimeoutError) and nothing else:
-an edge bug inside the upstream call is a logged 500, never passed off as "502 upstream
+The upstream boundary catches what the upstream client raises (UpstreamError) and nothing
+else: an edge bug inside the upstream call is a logged 500, never passed off as "502 upstream
 unreachable".
 """
 
@@ -15,13 +15,16 @@ import pytest
 from edge.proxy import Proxy
 from edge.runtime import open_runtime
 from edge.settings import load_settings
+from edge.upstream import Origin
 from tests.support.edge_process import CONFIG
 from tests.support.keys import new_key
 from tests.support.redis_server import RedisServer
 
 
-class BrokenSession:
-    """Stands in for the aiohttp session: fails the way a bug in edge's own code would."""
+class BrokenPool:
+    """Stands in for the upstream pool: fails the way a bug in edge's own code would."""
+
+    origin = Origin("http://127.0.0.1:9/v1")
 
     async def request(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug, not a network error")
@@ -57,14 +60,14 @@ async def test_an_edge_bug_in_the_upstream_call_is_a_logged_500(
     key, _ = new_key(redis_server.url, "pro")
     env = {"EDGE_REDIS_URL": redis_server.url, "EDGE_UPSTREAM_URL": "http://127.0.0.1:9/v1"}
     async with open_runtime(load_settings(CONFIG, env)) as rt:
-        real = rt.session
-        rt.session = BrokenSession()  # type: ignore[assignment]
+        real = rt.upstream
+        rt.upstream = BrokenPool()  # type: ignore[assignment]
         proxy = Proxy()
         proxy.bind(rt)
         try:
             start, body = await call(proxy, key)
         finally:
-            rt.session = real
+            rt.upstream = real
     assert start["status"] == 500
     error = orjson.loads(body["body"])["error"]
     assert (error["type"], error["code"]) == ("server_error", "internal_error")

@@ -148,16 +148,26 @@ def test_whole_numbers_in_toml_are_fine_for_seconds(tmp_path: Path) -> None:
 
 def test_secrets_never_show_themselves() -> None:
     env = {
-        "EDGE_UPSTREAM_API_KEY": "sk-very-secret",
         "EDGE_REDIS_URL": "redis://user:hunter2@127.0.0.1:6390/0",
         "EDGE_UPSTREAM_URL": "https://u:pw-in-url@api.example.com/v1",
     }
     s = load_settings(REPO_CONFIG, env)
-    for text in (repr(s), str(s), repr(s.redis), str(s.upstream)):
+    s_key = load_settings(REPO_CONFIG, {"EDGE_UPSTREAM_API_KEY": "sk-very-secret"})
+    for text in (repr(s), str(s), repr(s.redis), str(s.upstream), repr(s_key), str(s_key)):
         assert "sk-very-secret" not in text
         assert "hunter2" not in text
         assert "pw-in-url" not in text
     assert "redis://user:***@127.0.0.1:6390/0" in repr(s.redis)
+
+
+def test_user_info_and_an_api_key_cannot_both_authenticate_upstream() -> None:
+    env = {
+        "EDGE_UPSTREAM_API_KEY": "sk-very-secret",
+        "EDGE_UPSTREAM_URL": "https://u:pw-in-url@api.example.com/v1",
+    }
+    with pytest.raises(ConfigError, match="keep one") as caught:
+        load_settings(REPO_CONFIG, env)
+    assert "pw-in-url" not in str(caught.value) and "sk-very-secret" not in str(caught.value)
 
 
 def test_errors_never_show_values() -> None:

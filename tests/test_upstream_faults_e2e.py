@@ -176,7 +176,7 @@ def test_unframed_body_cut_by_a_reset_is_not_passed_off_as_whole(
 def test_a_post_is_never_sent_twice(edge: EdgeProcess, upstream: FakeUpstream, make_key) -> None:
     """T17: the upstream read a POST's body, then reset the connection without answering: the
     client gets a 502 and the upstream saw the request exactly once, also when the request
-    went out on a reused keep-alive connection (aiohttp re-sends only idempotent methods
+    went out on a reused keep-alive connection (edge re-sends only idempotent methods
     there, as RFC 9112 §9.3.1 allows; POST is not one)."""
     key, _ = make_key("pro")
     with httpx.Client(base_url=edge.url, headers=auth(key), timeout=10) as client:

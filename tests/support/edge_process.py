@@ -20,9 +20,15 @@ PROVIDER_KEY = "sk-provider-test-0123456789abcdef"
 
 class EdgeProcess:
     def __init__(
-        self, log_dir: Path, env: dict[str, str], name: str = "edge", args: tuple[str, ...] = ()
+        self,
+        log_dir: Path,
+        env: dict[str, str],
+        name: str = "edge",
+        args: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),  # a command edge runs under (the benchmarks: valgrind)
     ) -> None:
         self.args = args
+        self.wrapper = wrapper
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.env = env
@@ -42,8 +48,9 @@ class EdgeProcess:
         env.update({"EDGE_CONFIG": str(CONFIG), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115
+        command = [sys.executable, "-m", "edge", "serve", "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge", "serve", "--port", str(self.port), *self.args],
+            [*self.wrapper, *command],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
