@@ -35,6 +35,7 @@ PACKAGES = (
     ("edge", "/edge/"),
 )
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:]*)(?::\d+)?\)$")
+LINE = re.compile(r":\d+\)$")
 
 
 def py_spy() -> str:
@@ -57,7 +58,7 @@ def package(frame: str) -> str:
     return "stdlib, other"
 
 
-def report(raw: Path, top: int) -> None:
+def report(raw: Path, top: int, lines: bool = False) -> None:
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     by_package: collections.Counter[str] = collections.Counter()
@@ -66,6 +67,8 @@ def report(raw: Path, top: int) -> None:
         stack, _, count = line.rpartition(" ")
         n = int(count)
         frames = stack.split(";")
+        if not lines:  # functions, not lines
+            frames = [LINE.sub(")", frame) for frame in frames]
         total += n
         self_time[frames[-1]] += n
         by_package[package(frames[-1])] += n
@@ -78,10 +81,10 @@ def report(raw: Path, top: int) -> None:
     print(f"\ntop {top} functions, self time:")
     for frame, n in self_time.most_common(top):
         print(f"  {n / total:6.1%}  {frame}")
-    print(f"\ntop {top} edge functions, inclusive:")
+    print(f"\ntop {top} edge and uvicorn functions, inclusive:")
     shown = 0
     for frame, n in inclusive.most_common():
-        if "(edge/" in frame and shown < top:
+        if frame.split(" (", 1)[-1].startswith(("edge/", "uvicorn/")) and shown < top:
             print(f"  {n / total:6.1%}  {frame}")
             shown += 1
 
@@ -93,6 +96,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--svg", type=Path, help="also write a flame graph here")
+    parser.add_argument("--lines", action="store_true", help="per line, not per function")
     args = parser.parse_args()
     spy = py_spy()
     with tempfile.TemporaryDirectory(prefix="edge-profile-") as tmp, Fleet(Path(tmp)) as fleet:
@@ -121,7 +125,7 @@ def main() -> int:
             sampler = subprocess.Popen(svg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             run_wrk(edge.url, args.connections, args.seconds + 1, script, edge.key)
             sampler.wait(args.seconds + 30)
-        report(raw, args.top)
+        report(raw, args.top, args.lines)
     return 0
 
 

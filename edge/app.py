@@ -108,17 +108,17 @@ class Edge:
                 await self.on_ready(rt)
             yield
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Hands back the chosen app's coroutine rather than awaiting it: one frame fewer on
+        every resumption of a request (uvicorn is told the interface is ASGI 3)."""
         if scope["type"] != "http":
-            await self.control(scope, receive, send)
-            return
+            return self.control(scope, receive, send)
         if self.admin_port and (scope.get("server") or (None, None))[1] == self.admin_port:
-            await self.operator(scope, receive, send)
+            return self.operator(scope, receive, send)
         # Routed on the raw path, the one the upstream URL is built from: `/%761/…` is not /v1.
-        elif (scope.get("raw_path") or scope["path"].encode()).startswith(API_PREFIX):
-            await self.proxy(scope, receive, send)
-        else:
-            await self.control(scope, receive, send)
+        if (scope.get("raw_path") or scope["path"].encode()).startswith(API_PREFIX):
+            return self.proxy(scope, receive, send)
+        return self.control(scope, receive, send)
 
 
 def create_app(settings: Settings, on_ready: OnReady | None = None) -> Edge:

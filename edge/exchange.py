@@ -116,6 +116,13 @@ class Exchange:
         """
         if self.early_body is not None:
             return self.early_body if self.early_body or self.method not in BODYLESS else None
+        whole = self.link.whole_body() if self.link is not None else None
+        if whole is not None:  # the usual case: the body came with the head
+            if len(whole) > max_body:
+                self.too_large = True
+                raise BodyTooLarge
+            self.watch()
+            return whole if whole or self.method not in BODYLESS else None
         first = await self.receive()
         if first["type"] == "http.disconnect":
             self.client_gone = True

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import hiredis
@@ -34,7 +35,13 @@ from edge.redis_types import Arg
 
 def pack(args: tuple[Arg, ...]) -> bytes:
     """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + pack_args(args)
+
+
+def pack_args(args: Sequence[Arg]) -> bytes:
+    """Arguments as RESP bulk strings, without the array header: a command's parts can be
+    packed apart (a fixed tail once at start-up) and joined under one header."""
+    out = []
     for arg in args:
         if isinstance(arg, bytes):
             raw = arg
@@ -172,14 +179,21 @@ class PipelinedRedis:
         self._connecting: asyncio.Task[_Pipe] | None = None
 
     async def execute(self, *args: Arg) -> Any:
+        return await self.send_packed(pack(args))
+
+    def send_packed(self, packed: bytes) -> Awaitable[Any]:
+        """One command packed by the caller (`pack`). On a live connection this is the reply's
+        future itself: no coroutine between the caller and the reply."""
         pipe = self._pipe
         if pipe is None or pipe.closed:
-            # (asyncio.get_running_loop() costs a getpid() syscall: only on this rare path)
-            deadline = asyncio.get_running_loop().time() + self.timeout
-            pipe = await self._connection(deadline)
-        else:
-            deadline = pipe.loop.time() + self.timeout
-        return await pipe.send(pack(args), deadline)
+            return self._send_connecting(packed)
+        return pipe.send(packed, pipe.loop.time() + self.timeout)
+
+    async def _send_connecting(self, packed: bytes) -> Any:
+        # (asyncio.get_running_loop() costs a getpid() syscall: only on this rare path)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        pipe = await self._connection(deadline)
+        return await pipe.send(packed, deadline)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)

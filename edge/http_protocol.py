@@ -17,11 +17,10 @@ uvicorn's own answer to a request it cannot parse (the smuggling probes: Content
 chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
 
 And three things the request path needs, each saving per-request work:
-- a response start flagged `edge.body_follows` (the proxy's, when the upstream's whole answer
-  is already in) leaves in one write with the body, not two (`EdgeCycle`): one syscall and one
-  packet fewer per typical request;
 - each request's scope carries a `ClientLink` through which the protocol reports a lost
-  connection the moment it happens, so the proxy needs no watcher task or timer per request;
+  connection the moment it happens, so the proxy needs no watcher task or timer per request,
+  and through which the proxy writes an answer whose body is already whole in one write
+  (`EdgeCycle.answer`), without two ASGI messages and uvicorn's per-header checks;
 - keep-alive idleness is enforced by the connection's one timer (the head timer), not by a
   timer uvicorn arms after every response and cancels on the next request.
 """
@@ -34,8 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from uvicorn._types import ASGISendEvent
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from edge import errors
 from edge.settings import ServerSettings
@@ -49,7 +51,6 @@ REASONS = {
     503: b"Service Unavailable",
 }
 INVALID_REQUEST = errors.BadRequest("Invalid HTTP request received.", code="invalid_http_request")
-BODY_FOLLOWS = "edge.body_follows"  # in an http.response.start: the body is sent right after
 CLIENT = "edge.client"  # scope key: the request's ClientLink
 
 
@@ -86,14 +87,27 @@ def protocol_class(limits: Limits) -> type[EdgeHttpToolsProtocol]:
 
 class ClientLink:
     """One request's news of its client: `gone` once the connection is lost before the response
-    completed; `on_gone`, if the handler set it, is called at that moment."""
+    completed; `on_gone`, if the handler set it, is called at that moment. `cycle.answer` is
+    the one-write path for a whole response."""
 
     __slots__ = ("cycle", "gone", "on_gone")
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    def __init__(self, cycle: EdgeCycle) -> None:
         self.cycle = cycle
         self.gone = False
         self.on_gone: Callable[[], None] | None = None
+
+    def whole_body(self) -> bytes | None:
+        """The request body if all of it has arrived (and was not asked for yet): what the
+        first `receive()` would hand over, without the message and the wait. Else None, and
+        the caller uses `receive()`."""
+        cycle = self.cycle
+        if cycle.more_body or cycle.disconnected or cycle.waiting_for_100_continue:
+            return None
+        body = bytes(cycle.body)
+        cycle.body = bytearray()
+        cycle.flow.resume_reading()  # as receive() does: a large body may have paused it
+        return body
 
 
 class EdgeHttpToolsProtocol(HttpToolsProtocol):
@@ -177,7 +191,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if type(cycle) is RequestResponseCycle:  # a new one (not the upgrade path)
             cycle.__class__ = EdgeCycle
-            link = cast(dict[str, Any], cycle.scope)[CLIENT] = ClientLink(cycle)
+            link = ClientLink(cast(EdgeCycle, cycle))
+            cast(dict[str, Any], cycle.scope)[CLIENT] = link
             links = self._links
             if links and links[0].cycle.response_complete:
                 links = self._links = [k for k in links if not k.cycle.response_complete]
@@ -280,48 +295,58 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class _Recorder:
-    """Stands in for the transport while uvicorn frames one message: keeps what it writes.
-    (uvicorn's `send` calls only `write` and `close` on it.)"""
-
-    __slots__ = ("closing", "data")
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def close(self) -> None:
-        self.closing = True
-
-
 class EdgeCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, except that a response start flagged
-    `edge.body_follows` is framed (and checked) by uvicorn as usual but held back, then written
-    together with the next body message. Unflagged messages take uvicorn's path untouched."""
+    """uvicorn's request/response cycle, plus `answer()`: a whole response in one write."""
 
-    held: bytes | None = None
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write a complete response (head and whole body) in one write, framed as uvicorn's
+        `send` frames it, and complete the cycle. False, having written nothing, wherever
+        uvicorn's own path must run instead (the caller then sends ASGI messages).
 
-    async def send(self, message: ASGISendEvent) -> None:
-        held = self.held
-        if held is None and not message.get(BODY_FOLLOWS):
-            await super().send(message)
-            return
-        transport = self.transport
-        recorder = _Recorder()
-        self.transport = recorder  # type: ignore[assignment]
-        try:
-            await super().send(message)
-        finally:
-            self.transport = transport
-        if held is None:
-            self.held = b"".join(recorder.data)
-            return
-        self.held = None
-        data = held + b"".join(recorder.data)
-        if data and not transport.is_closing():
-            transport.write(data)
-        if recorder.closing:
-            transport.close()
+        For the proxy's answers only: their header names are lower-case and every name and
+        value was either parsed by httptools from the upstream's answer (the parser refuses
+        control characters in both) or written by edge, so uvicorn's per-header checks are
+        not run again."""
+        if self.response_started or self.disconnected or self.flow.write_paused:
+            return False
+        if self.access_log:
+            return False
+        head_only = self.scope["method"] == "HEAD"
+        length = -1
+        for name, value in headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return False
+                break
+        if length >= 0 and not head_only and length != len(body):
+            return False  # uvicorn's path reports the mismatch
+        parts = [STATUS_LINE[status]]
+        for name, value in self.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        if head_only:
+            parts.append(b"\r\n")
+        elif length >= 0:
+            parts += (b"\r\n", body)
+        elif status in (204, 304):
+            if body:
+                return False
+            parts.append(b"\r\n")
+        elif body:
+            parts += (b"transfer-encoding: chunked\r\n\r\n%x\r\n" % len(body), body)
+            parts.append(b"\r\n0\r\n\r\n")
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.response_started = self.response_complete = True
+        self.waiting_for_100_continue = False
+        self.transport.write(b"".join(parts))
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return True

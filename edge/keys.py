@@ -57,6 +57,9 @@ def key_hash(key: str | bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+KNOWN_KEYS = 65536  # hashes of well-formed keys remembered per process (~10 MB at most)
+
+
 class ParsedKey(NamedTuple):
     kid: str
     hash: str
@@ -70,15 +73,30 @@ class KeyFormat:
         self.prefix_bytes = prefix.encode("ascii")
         self._kid_start = len(self.prefix_bytes)
         self._shape = re.compile(re.escape(self.prefix_bytes) + b"[0-9A-Za-z]{%d}" % BODY_LEN)
+        self._length = len(self.prefix_bytes) + BODY_LEN
+        self._known: dict[str, ParsedKey] = {}  # by hash: keys that already parsed
 
     def parse(self, token: bytes) -> ParsedKey | None:
-        """The key's kid and hash if `token` is a well-formed key with a valid checksum."""
+        """The key's kid and hash if `token` is a well-formed key with a valid checksum.
+
+        The hash is needed anyway; a key whose hash parsed before (a bounded table of hashes,
+        never of keys) skips the shape and checksum checks, which cost more than the hash."""
+        if len(token) != self._length:
+            return None
+        digest = hashlib.sha256(token).hexdigest()
+        known = self._known.get(digest)
+        if known is not None:
+            return known
         if self._shape.fullmatch(token) is None:
             return None
         if checksum(token[:-CHECKSUM_LEN]) != token[-CHECKSUM_LEN:]:
             return None
         kid = token[self._kid_start : self._kid_start + KID_LEN].decode("ascii")
-        return ParsedKey(kid, hashlib.sha256(token).hexdigest())
+        parsed = ParsedKey(kid, digest)
+        if len(self._known) >= KNOWN_KEYS:
+            self._known.clear()  # rare, and the next requests refill it
+        self._known[digest] = parsed
+        return parsed
 
 
 def bearer_token(value: bytes) -> bytes | None:
@@ -96,6 +114,12 @@ def record_key(kid: str) -> str:
     """The key record. `{kid}` is a Redis Cluster hash tag: record and buckets share one slot,
     so the admission script may touch all three on any cluster."""
     return f"edge:key:{{{kid}}}"
+
+
+def admit_keys(kid: str) -> tuple[str, str, str]:
+    """admit.lua's KEYS: the record, then the minute and day buckets."""
+    base = f"edge:key:{{{kid}}}"
+    return base, base + ":m", base + ":d"
 
 
 def bucket_keys(kid: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from edge import errors
 from edge.errors import Headers
-from edge.keys import ParsedKey, bucket_keys, record_key
+from edge.keys import ParsedKey, admit_keys, record_key
 from edge.metrics import Metrics
 from edge.redis_types import ScriptClient
 from edge.scripts import RedisUnavailable, Scripts
@@ -114,23 +114,17 @@ class Limiter:
         metrics: Metrics,
     ) -> None:
         self.client = client
-        self.script = scripts.admit
-        self._refund = scripts.refund
         self.plan_args = plan_args(plans)
         self.metrics = metrics
-        self._noscript = metrics.redis_error["noscript"].inc
+        noscript = metrics.redis_error["noscript"].inc
+        self._admit = scripts.admit.bind(client, self.plan_args, noscript)
+        self._refund = scripts.refund.bind(client, (), noscript)
 
     async def admit(self, key: ParsedKey, route: str, model: str = MODEL_NOT_READ) -> Decision:
         """One admission for `key` on `route` (the path after /v1/); `model` as `model_state`
         gives it when the body was read, else MODEL_NOT_READ."""
-        minute, day = bucket_keys(key.kid)
         try:
-            reply = await self.script(
-                self.client,
-                (record_key(key.kid), minute, day),
-                (key.hash, route, model, *self.plan_args),
-                self._noscript,
-            )
+            reply = await self._admit(admit_keys(key.kid), (key.hash, route, model))
         except RedisUnavailable as exc:
             self.metrics.redis_error[exc.kind].inc()
             raise
@@ -139,7 +133,7 @@ class Limiter:
     async def refund(self, kid: str) -> None:
         """Give back the credit of an admitted request the upstream never received."""
         try:
-            await self._refund(self.client, (record_key(kid),), ())
+            await self._refund((record_key(kid),), ())
         except RedisUnavailable as exc:
             self.metrics.redis_error[exc.kind].inc()
             raise

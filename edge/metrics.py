@@ -13,6 +13,7 @@ take the maximum (every worker has the same).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from edge.metric_batch import FLUSH_EVERY, Level, Observations, Tally
 from edge.settings import Plan
 
 OUTCOMES = (
@@ -97,18 +99,29 @@ class Metrics:
             registry=r,
         )
 
+        # The request path's metrics, batched (metric_batch.py); the rest are rare.
         labels = [*plan_table, NO_PLAN, UNKNOWN_PLAN]
         self.outcome = {
-            (plan, outcome): self.requests.labels(plan, outcome)
+            (plan, outcome): Tally(self.requests.labels(plan, outcome))
             for plan in labels
             for outcome in OUTCOMES
         }
-        self.ttfb_by_plan = {plan: self.ttfb.labels(plan) for plan in labels}
+        self.ttfb_by_plan = {plan: Observations(self.ttfb.labels(plan)) for plan in labels}
         self.status_by_plan = {
-            (plan, cls): self.upstream_responses.labels(plan, cls)
+            (plan, cls): Tally(self.upstream_responses.labels(plan, cls))
             for plan in labels
             for cls in STATUS_CLASSES
         }
+        self.admitted = Observations(self.admission)
+        self.active = Level(self.inflight)
+        self._batches: list[Tally | Observations | Level] = [
+            *self.outcome.values(),
+            *self.ttfb_by_plan.values(),
+            *self.status_by_plan.values(),
+            self.admitted,
+            self.active,
+        ]
+        self._flusher: asyncio.TimerHandle | None = None
         self.redis_error = {kind: self.redis_errors.labels(kind) for kind in REDIS_ERROR_KINDS}
         self.fail_open = {plan: self.fail_open_admissions.labels(plan) for plan in labels}
         for name, plan in plan_table.items():
@@ -127,7 +140,30 @@ class Metrics:
         cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
         self.status_by_plan[(plan, cls)].inc()
 
+    def flush(self) -> None:
+        """Hand the request path's batched updates to prometheus-client."""
+        for batch in self._batches:
+            batch.flush()
+
+    def start_flushing(self) -> None:
+        """With --workers, flush every FLUSH_EVERY seconds: other workers' scrapes read the
+        files this process writes. (A single process flushes when it is scraped.)"""
+        if os.environ.get(MULTIPROC_ENV) and self._flusher is None:
+            self._flusher = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
+
+    def _tick(self) -> None:
+        self.flush()
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._tick)
+
+    def stop_flushing(self) -> None:
+        """At shutdown: stop the timer, and flush what is left."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+
     def exposition(self) -> bytes:
+        self.flush()
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:
             return generate_latest(self.registry)

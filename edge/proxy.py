@@ -21,7 +21,6 @@ from edge import errors
 from edge.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
 from edge.fail_open import FailOpen
 from edge.hints import KidHints
-from edge.http_protocol import BODY_FOLLOWS
 from edge.keys import ParsedKey, bearer_token
 from edge.limiter import (
     MODEL_NOT_READ,
@@ -86,7 +85,7 @@ class Proxy:
             await errors.send_error(send, STARTING)
             return
         ex = Exchange(scope, receive, send)
-        rt.metrics.inflight.inc()
+        rt.metrics.active.inc()
         try:
             await self._handle(rt, ex)
         except asyncio.CancelledError:
@@ -102,7 +101,7 @@ class Proxy:
             ex.stop()
             if ex.outcome is not None:
                 rt.metrics.count(ex.plan, ex.outcome)
-            rt.metrics.inflight.dec()
+            rt.metrics.active.dec()
 
     async def _handle(self, rt: Runtime, ex: Exchange) -> None:
         scope = ex.scope
@@ -213,7 +212,7 @@ class Proxy:
             length = int(inbound.length) if inbound.length else ex.spooled_length
 
         sent = perf_counter()
-        rt.metrics.admission.observe(sent - ex.start)
+        rt.metrics.admitted.observe(sent - ex.start)
         try:
             resp = await rt.upstream.request(method, target, headers, data, length)
         except (UpstreamError, ClientGone, BodyTooLarge) as exc:
@@ -242,10 +241,16 @@ class Proxy:
         send = ex.send
         ex.started = True
         headers = response_headers(resp.headers) + ex.rate_headers
-        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
-        if resp.buffered:
-            start[BODY_FOLLOWS] = True  # the first read() returns at once: one write for both
-        await send(start)
+        link = ex.link
+        if resp.done and link is not None:  # the whole answer is in: one write, if it can be
+            body = await resp.read()
+            ex.stop()
+            if link.cycle.answer(resp.status, headers, body):
+                return
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         try:
             while True:
                 chunk = await resp.read()

@@ -65,6 +65,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         stack.push_async_callback(upstream.close)
 
         metrics = Metrics(settings.plans)
+        metrics.start_flushing()
+        stack.callback(metrics.stop_flushing)
         yield Runtime(
             settings=settings,
             redis=redis,

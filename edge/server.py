@@ -87,6 +87,7 @@ def uvicorn_config(app: Edge, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="uvloop",
+        interface="asgi3",  # Edge.__call__ returns its coroutine: not detectable as ASGI 3
         http=protocol_class(Limits.of(s)),
         ws="none",  # edge proxies HTTP only; an Upgrade request is served as plain HTTP
         lifespan="on",

@@ -150,11 +150,6 @@ class Response:
             self._conn = None
             conn.close()
 
-    @property
-    def buffered(self) -> bool:
-        """Whether `read()` would return bytes at once (they are waiting, or the body ended)."""
-        return bool(self._pieces) or self.done
-
     def framed(self) -> bool:
         """Whether the body has its own length framing (Content-Length or chunked)."""
         for name, value in self.headers:

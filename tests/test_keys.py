@@ -13,6 +13,7 @@ from edge.keys import (
     CHECKSUM_LEN,
     KID_LEN,
     KeyFormat,
+    admit_keys,
     base62,
     bearer_token,
     bucket_keys,
@@ -77,6 +78,22 @@ def test_malformed_keys_are_rejected(mutate) -> None:  # type: ignore[no-untyped
     assert FMT.parse(mutate(key).encode()) is None
 
 
+def test_a_known_key_parses_the_same_and_its_neighbours_still_fail(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Parsed keys are remembered by hash: a repeat skips the checks but answers the same, a
+    one-character typo of a remembered key is still refused, and the table stays bounded."""
+    fmt = KeyFormat("gw_sk_")
+    key = make_key("gw_sk_", new_kid())
+    first = fmt.parse(key.encode())
+    assert first is not None and fmt.parse(key.encode()) == first
+    assert fmt.parse(_flip(key, 30).encode()) is None
+    assert fmt.parse(_flip(key, len(key) - 1).encode()) is None
+    assert key.encode() not in repr(fmt.__dict__).encode()  # hashes are kept, never keys
+    monkeypatch.setattr("edge.keys.KNOWN_KEYS", 3)
+    for _ in range(10):
+        assert fmt.parse(make_key("gw_sk_", new_kid()).encode()) is not None
+        assert len(fmt._known) <= 3
+
+
 def test_other_prefixes() -> None:
     for prefix in ("gp-", "gk-prx-", "sk_"):
         fmt = KeyFormat(prefix)
@@ -115,6 +132,7 @@ def test_redis_key_names_share_one_hash_tag() -> None:
     kid = new_kid()
     record = record_key(kid)
     minute, day = bucket_keys(kid)
+    assert admit_keys(kid) == (record, minute, day)
     assert record == f"edge:key:{{{kid}}}"
     for name in (record, minute, day):
         assert name[name.index("{") + 1 : name.index("}")] == kid
