@@ -38,6 +38,7 @@ from tests.support.monitor import CommandCounter
 from tests.support.procinfo import tree_cpu_seconds, tree_rss
 
 PACKAGES = ("wrk=wrk", "nginx=nginx", "redis-server=redis-server")
+SINGLE_STREAM_ROUNDS = 5  # streams run one after another for the 1-stream row, per repetition
 COUNTED_REQUESTS = 500  # requests whose Redis commands MONITOR counts, per edge configuration
 
 
@@ -186,13 +187,18 @@ def measure_streams(targets: list[Target], args: argparse.Namespace) -> list[dic
     for target in targets:  # warm-up
         uvloop.run(streams_at_once(target.port, target.path, target.key, 2, 2, 1))
     for count in args.streams:
+        # One stream gives one time to first byte: run a few in a row so the median means
+        # something (this VM's wake-up latency alone moves a single sample by 0.5 ms).
+        rounds = SINGLE_STREAM_ROUNDS if count == 1 else 1
         for _ in range(args.reps):
             for target in targets:
-                timings = uvloop.run(
-                    streams_at_once(
-                        target.port, target.path, target.key, count, args.chunks, args.gap_ms
+                timings = []
+                for _ in range(rounds):
+                    timings += uvloop.run(
+                        streams_at_once(
+                            target.port, target.path, target.key, count, args.chunks, args.gap_ms
+                        )
                     )
-                )
                 summaries.setdefault((target.name, count), []).append(summarize(timings))
     rows = []
     for count in args.streams:

@@ -102,7 +102,7 @@ def inbound_headers(raw: RawHeaders) -> Inbound:
                 listed = value if listed is None else listed + b"," + value
             continue
         headers.append((name, value))
-    if listed is not None:
+    if listed is not None and listed.lower() not in PLAIN_CONNECTION:
         drop = {t.strip().lower() for t in listed.split(b",")}
         headers = [(n, v) for n, v in headers if n not in drop]
     return Inbound(headers, auth[0] if len(auth) == 1 else None, length, forwarding)

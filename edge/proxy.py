@@ -235,9 +235,10 @@ class Proxy:
             resp.close()
 
     async def _relay(self, resp: Response, ex: Exchange) -> None:
-        """Send the upstream's answer on, piece by piece; a cut upstream body ends the client's
-        response without its final chunk (the connection closes), so a cut answer is never
-        mistaken for a whole one."""
+        """Send the upstream's answer on: in one write when it is already whole, else piece by
+        piece as it arrives. A cut upstream body ends the client's response without its
+        final chunk (the connection closes), so a cut answer is never mistaken for a whole
+        one."""
         send = ex.send
         ex.started = True
         headers = response_headers(resp.headers) + ex.rate_headers
@@ -249,6 +250,18 @@ class Proxy:
                 return
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        if link is not None and link.cycle.start_stream(resp.status, headers, resp.has_body):
+            # Under edge's server: from here the upstream connection's own callback writes
+            # each piece to the client as it arrives (Response.pipe); this task just waits.
+            link.on_writable = resp.resume
+            try:
+                await resp.pipe(link.cycle.pipe_body)
+            except UpstreamError as exc:
+                self._cut(ex, describe(exc))
+            finally:
+                link.on_writable = None
+            ex.stop()
             return
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         try:

@@ -27,12 +27,13 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
 
 BodyData = bytes | AsyncIterator[bytes] | None
+Sink = Callable[[bytes, bool], bool]  # (data, more) -> whether it can take more now
 HIGH_WATER = 256 * 1024  # buffered, unread response bytes before reading pauses
 MERGE_UNDER = 64 * 1024  # a body this small goes out in one write with its head
 KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
@@ -95,8 +96,11 @@ class Response:
     __slots__ = (
         "_conn",
         "_error",
+        "_loop",
         "_paused",
         "_pieces",
+        "_piped",
+        "_sink",
         "_size",
         "_waiter",
         "done",
@@ -118,6 +122,51 @@ class Response:
         self._paused = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._loop = conn.loop
+        self._sink: Sink | None = None
+        self._piped: asyncio.Future[None] | None = None
+
+    def pipe(self, sink: Sink) -> asyncio.Future[None]:
+        """Hand the body to `sink` from now on, as it arrives, instead of keeping it for
+        `read()`: `sink(data, more)` is called from the connection's own callback, once per
+        read from the socket (and once with `more=False` at the end), so streaming costs no
+        task wake-up per piece. A sink that answers False cannot take more for now: reading
+        from the upstream pauses until `resume()`.
+
+        The returned future completes when the body has ended, or fails with the
+        `UpstreamError` that cut it (after the bytes that did arrive went to the sink)."""
+        self._sink = sink
+        fut = self._piped = self._loop.create_future()
+        if self._pieces or self.done:
+            self._to_sink(not self.done)
+        if self.done:
+            fut.set_result(None)
+        elif self._error is not None:
+            fut.set_exception(self._error)
+        return fut
+
+    @property
+    def has_body(self) -> bool:
+        """Whether body bytes have arrived that nobody has taken yet."""
+        return bool(self._pieces)
+
+    def resume(self) -> None:
+        """The sink can take more again: read from the upstream again."""
+        if self._paused and self._conn is not None:
+            self._paused = False
+            self._conn.transport.resume_reading()
+
+    def _to_sink(self, more: bool) -> None:
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._size = 0
+        if not data and more:
+            return
+        writable = self._sink(data, more)  # type: ignore[misc]
+        if not writable and more and not self._paused and self._conn is not None:
+            self._paused = True
+            self._conn.transport.pause_reading()
 
     async def read(self) -> bytes:
         """The body bytes that arrived since the last call; b"" once the body has ended.
@@ -164,6 +213,8 @@ class Response:
 
     def _feed(self, data: bytes) -> None:
         self._pieces.append(data)
+        if self._sink is not None:
+            return  # handed over at the end of the socket read (Connection.data_received)
         self._size += len(data)
         if self._size > HIGH_WATER and not self._paused and self._conn is not None:
             self._paused = True
@@ -174,6 +225,10 @@ class Response:
         self.done = True
         if not self.head.done():
             self.head.set_result(None)
+        if self._sink is not None:
+            self._to_sink(False)
+            if self._piped is not None and not self._piped.done():
+                self._piped.set_result(None)
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
@@ -183,6 +238,11 @@ class Response:
         if not self.head.done():
             self.head.set_exception(error)
             self.head.exception()  # retrieved here; request() re-raises it
+        if self._sink is not None:
+            if self._pieces:
+                self._to_sink(True)  # what did arrive, then the cut
+            if self._piped is not None and not self._piped.done():
+                self._piped.set_exception(error)
         self._wake()
 
     def _wake(self) -> None:
@@ -229,6 +289,9 @@ class Connection(asyncio.Protocol):
             self._broken(resp, BadResponse("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._broken(resp, BadResponse(f"unparseable response from the upstream ({exc})"))
+        else:
+            if resp._sink is not None and resp._pieces and not resp.done:
+                resp._to_sink(True)  # one hand-over per read, however many chunks it held
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows

@@ -12,14 +12,17 @@ bytes it answers with.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.procinfo import tree_rss
 from tests.support.raw_http import dechunk, request_head
 from tests.support.redis_server import RedisServer
 
@@ -35,6 +38,19 @@ ANSWERS = {
 }
 
 
+SLOW = {
+    b"slow-length": [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", b"world"],
+    b"slow-chunked": [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\n",
+        b"5\r\nworld\r\n",
+        b"0\r\n\r\n",
+    ],
+}
+BIG_PIECE = bytes(range(256)) * 256  # 64 KiB
+BIG_CHUNKS = 512  # 32 MiB
+
+
 class RawUpstream:
     """Answers each request with ANSWERS[x-raw], keeping the connection alive."""
 
@@ -45,6 +61,7 @@ class RawUpstream:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._stop = False
+        self.big_sent = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -73,7 +90,23 @@ class RawUpstream:
                 while len(buffer) < length:
                     buffer += conn.recv(65536)
                 buffer = buffer[length:]
-                conn.sendall(ANSWERS[fields[b"x-raw"].decode()])
+                if fields[b"x-raw"] == b"big":
+                    self._stream_big(conn)
+                elif fields[b"x-raw"] in SLOW:
+                    for piece in SLOW[fields[b"x-raw"]]:
+                        conn.sendall(piece)
+                        time.sleep(0.05)  # each piece in its own read: a streamed answer
+                else:
+                    conn.sendall(ANSWERS[fields[b"x-raw"].decode()])
+
+    def _stream_big(self, conn: socket.socket) -> None:
+        """BIG_CHUNKS chunks of BIG_PIECE, counting what the socket has taken."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        frame = b"%x\r\n%s\r\n" % (len(BIG_PIECE), BIG_PIECE)
+        for _ in range(BIG_CHUNKS):
+            conn.sendall(frame)  # blocks while nobody downstream reads: backpressure
+            self.big_sent += len(BIG_PIECE)
+        conn.sendall(b"0\r\n\r\n")
 
     def close(self) -> None:
         self._stop = True
@@ -81,16 +114,21 @@ class RawUpstream:
 
 
 @pytest.fixture(scope="module")
-def relay(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
-) -> Iterator[EdgeProcess]:
+def raw_upstream() -> Iterator[RawUpstream]:
     upstream = RawUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def relay(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, raw_upstream: RawUpstream
+) -> Iterator[EdgeProcess]:
     proc = EdgeProcess(
-        Path(tmp_path_factory.mktemp("framing")), edge_env(redis_server.url, upstream.url)
+        Path(tmp_path_factory.mktemp("framing")), edge_env(redis_server.url, raw_upstream.url)
     ).start()
     yield proc
     proc.stop()
-    upstream.close()
 
 
 class Reader:
@@ -161,6 +199,31 @@ def test_whole_answers_are_framed_as_uvicorn_would_on_one_kept_alive_connection(
                 assert raw.endswith(b"0\r\n\r\n")
 
 
+def test_streamed_answers_keep_their_framing_and_the_connection(
+    relay: EdgeProcess, make_key
+) -> None:  # type: ignore[no-untyped-def]
+    """Answers that arrive in pieces are written piece by piece (start_stream, pipe_body):
+    a Content-Length answer keeps its length, a chunked one stays chunked and ends with its
+    final chunk, and the connection carries the next request."""
+    key, _ = make_key("pro")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = Reader(sock)
+        for _ in range(2):
+            ask(sock, relay.port, key, "slow-length")
+            status, headers, body, _ = reader.response()
+            names = dict(headers)
+            assert (status, body, names.get("content-length")) == (200, b"helloworld", "10")
+            assert "transfer-encoding" not in names and "connection" not in names
+            assert [n for n, _ in headers].count("date") == 1
+            ask(sock, relay.port, key, "slow-chunked")
+            status, headers, body, raw = reader.response()
+            names = dict(headers)
+            assert (status, body, names.get("transfer-encoding")) == (200, b"helloworld", "chunked")
+            assert "content-length" not in names and raw.endswith(b"0\r\n\r\n")
+            assert "x-ratelimit-remaining-requests" in names
+        assert reader.buffer == b""
+
+
 @pytest.mark.parametrize(
     ("answer", "method", "status", "kept"),
     [
@@ -198,3 +261,33 @@ def test_a_client_asking_to_close_gets_connection_close_and_a_closed_socket(
         status, headers, body, _ = reader.response()
         assert (status, body, dict(headers).get("connection")) == (200, b"hello", "close")
         assert sock.recv(10) == b""  # closed by edge
+
+
+def test_a_slow_reader_holds_back_the_upstream_and_gets_every_byte(
+    relay: EdgeProcess, raw_upstream: RawUpstream, make_key
+) -> None:  # type: ignore[no-untyped-def]
+    """Streamed answers are written by the upstream connection's callback (Response.pipe):
+    a client that stops reading must stop edge reading from the upstream (no unbounded
+    buffering), and get all 32 MiB intact once it reads again."""
+    key, _ = make_key("pro")
+    assert relay.pid is not None
+    rss_before = tree_rss(relay.pid)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw_upstream.big_sent = 0
+        ask(sock, relay.port, key, "big")
+        time.sleep(1.5)  # not reading
+        held = raw_upstream.big_sent
+        assert held < 16 * 1024 * 1024, f"{held} bytes left the upstream for a stalled client"
+        assert tree_rss(relay.pid) - rss_before < 20 * 1024 * 1024
+        received = bytearray()
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(1 << 20)
+            assert data, "closed before the end of the body"
+            received += data
+    head, _, framed = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+    body = dechunk(framed)
+    assert len(body) == len(BIG_PIECE) * BIG_CHUNKS
+    expected = hashlib.sha256(BIG_PIECE * BIG_CHUNKS).hexdigest()
+    assert hashlib.sha256(body).hexdigest() == expected
