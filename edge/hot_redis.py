@@ -6,7 +6,7 @@ command path at ~26% of the process's CPU: every send wraps the write in `asynci
 runs observability hooks. This client keeps one connection per process, pipelines every
 caller's command on it (Redis is single-threaded; one connection is not a bottleneck), matches
 replies to callers in order with hiredis's parser, and coalesces the writes of one event-loop
-turn into one `send()`.
+turn into one `send()` (a command sent while nothing is in flight goes out at once).
 
 It is built from redis-py's own parse of the URL (`connection.parse_redis_url`), so host,
 port, socket path, user, password, database, client name and every TLS option mean exactly
@@ -110,9 +110,15 @@ class _Pipe(asyncio.Protocol):
         if self.closed:
             fut.set_exception(rex.ConnectionError("connection to Redis is closed"))
             return fut
+        idle = not self.pending
         self.pending.append((fut, deadline))
         if deadline < self._armed_at:
             self._arm(deadline)
+        if idle and not self._out and self.transport is not None:
+            # Nothing in flight, nothing queued: no command to coalesce with, so write now
+            # rather than one loop turn later (at low load that turn is latency).
+            self.transport.write(packed)
+            return fut
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(packed)

@@ -1,6 +1,7 @@
-"""`edge serve --workers N`: N worker processes serving the same listening sockets.
+"""`edge serve --workers N`: N worker processes serving the same ports.
 
-The supervisor binds the sockets, makes the metrics directory (prometheus-client's
+The supervisor binds the sockets (one set per worker, SO_REUSEPORT: see
+`server.worker_listeners`), makes the metrics directory (prometheus-client's
 multiprocess mode, see metrics.py) and starts the workers, each a full edge (its own Redis
 clients, upstream pool and event loop) running the same drain on SIGTERM. It replaces a worker
 that dies; on SIGTERM or SIGINT it passes SIGTERM on, waits for every worker to drain (up to
@@ -32,7 +33,7 @@ POLL = 0.5
 
 
 def worker_main(settings: Settings, sockets: list[socket.socket], index: int) -> None:
-    """One worker: a full edge on the shared sockets (runs in a spawned process)."""
+    """One worker: a full edge on its own sockets (runs in a spawned process)."""
     from edge import logs
     from edge.server import run_server
 
@@ -42,9 +43,9 @@ def worker_main(settings: Settings, sockets: list[socket.socket], index: int) ->
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, sockets: list[socket.socket]) -> None:
+    def __init__(self, settings: Settings, sockets: list[list[socket.socket]]) -> None:
         self.settings = settings
-        self.sockets = sockets
+        self.sockets = sockets  # per worker; a replacement takes over its predecessor's
         self.stopping = threading.Event()
         self.workers: list[BaseProcess] = []
         self._context = multiprocessing.get_context("spawn")
@@ -61,8 +62,9 @@ class Supervisor:
             self._stop_all()
             return 1 if failed else 0
         finally:
-            for sock in self.sockets:
-                sock.close()
+            for socks in self.sockets:
+                for sock in socks:
+                    sock.close()
             os.environ.pop(MULTIPROC_ENV, None)
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -71,7 +73,9 @@ class Supervisor:
 
     def _start(self, index: int) -> BaseProcess:
         worker = self._context.Process(
-            target=worker_main, args=(self.settings, self.sockets, index), name=f"edge-{index}"
+            target=worker_main,
+            args=(self.settings, self.sockets[index], index),
+            name=f"edge-{index}",
         )
         worker.start()
         return worker

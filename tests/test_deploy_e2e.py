@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +23,8 @@ from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 from tests.support.ports import free_port
+from tests.support.procinfo import accepted_by
+from tests.support.raw_http import request_head
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
@@ -95,6 +100,40 @@ def test_workers_share_the_port_sum_their_metrics_and_are_replaced(
     assert proc.stop() == 0
     assert not metrics_dir.exists()
     assert workers_of(proc.pid) == []
+
+
+def test_workers_each_take_a_share_of_persistent_connections(
+    spawn_edge: Spawn, redis_server: RedisServer, upstream: FakeUpstream, make_key: MakeKey
+) -> None:
+    """32 keep-alive connections opened at once (a load balancer's pool, wrk's) spread over
+    both workers. With one shared listening socket the first worker to wake accepted all 32
+    and the second idled; each worker now has its own SO_REUSEPORT socket."""
+    proc = spawn_edge(edge_env(redis_server.url, upstream.url), args=("--workers", "2"))
+    assert wait_until(lambda: len(workers_of(proc.pid)) == 2, 10)
+    key, _ = make_key("team")
+    port = int(proc.url.rsplit(":", 1)[1])
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
+    try:
+        for sock in socks:  # one request each: accepted and served, the connection kept
+            sock.sendall(request_head(port, key, "GET /v1/models HTTP/1.1"))
+        for sock in socks:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        held = accepted_by(workers_of(proc.pid), port)
+        assert sum(held.values()) == 32
+        assert min(held.values()) >= 4, held  # a hash spread, not an even one
+    finally:
+        for sock in socks:
+            sock.close()
+    # SO_REUSEPORT must not let a second edge share the port silently: it is refused.
+    env = {**os.environ, **edge_env(redis_server.url, upstream.url)}
+    second = subprocess.run(
+        [sys.executable, "-m", "edge", "serve", "--workers", "2", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode != 0 and "cannot listen" in second.stderr, second.stderr
 
 
 def test_the_admin_listener_takes_admin_dashboard_and_metrics(

@@ -29,6 +29,36 @@ async def test_concurrent_callers_get_their_own_replies(redis_server: RedisServe
         await client.aclose()
 
 
+async def test_idle_commands_go_out_at_once_and_a_burst_in_one_write(
+    redis_server: RedisServer,
+) -> None:
+    """Nothing in flight: the command is written before send_packed returns (no loop turn of
+    latency). Many in one loop turn: coalesced, the first alone and the rest in one write."""
+    client = PipelinedRedis(redis_server.url, 2.0)
+    try:
+        assert await client.execute("PING") == b"PONG"  # connected
+        pipe = client._pipe
+        assert pipe is not None and pipe.transport is not None
+        writes: list[bytes] = []
+        real_write = pipe.transport.write
+
+        def counting_write(data: bytes) -> None:
+            writes.append(data)
+            real_write(data)
+
+        pipe.transport.write = counting_write  # type: ignore[method-assign]
+        reply = client.send_packed(pack(("ECHO", "now")))
+        assert writes == [pack(("ECHO", "now"))]  # already on its way
+        assert await reply == b"now"
+        writes.clear()
+        replies = [client.send_packed(pack(("ECHO", f"b{i}"))) for i in range(100)]
+        assert len(writes) == 1  # the first; the other 99 wait for the end of this turn
+        assert await asyncio.gather(*replies) == [f"b{i}".encode() for i in range(100)]
+        assert len(writes) == 2
+    finally:
+        await client.aclose()
+
+
 async def test_cancelled_callers_do_not_shift_replies(redis_server: RedisServer) -> None:
     """A caller that gives up leaves its reply to be consumed, not handed to the next one."""
     client = PipelinedRedis(redis_server.url, 2.0)

@@ -30,6 +30,27 @@ def estab_to(port: int) -> int:
     return count
 
 
+def accepted_by(pids: list[int], port: int) -> dict[int, int]:
+    """Established connections to local `port` (IPv4) held by each of `pids`: socket inodes
+    from /proc/<pid>/fd matched to /proc/net/tcp."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    held = dict.fromkeys(pids, 0)
+    local = f":{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and fields[1].endswith(local) and fields[9] in inodes:
+            held[inodes[fields[9]]] += 1
+    return held
+
+
 def tree(pid: int) -> list[int]:
     """`pid` and all its descendants (a supervisor and its workers, nginx and its worker)."""
     found = [pid]
