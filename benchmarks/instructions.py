@@ -6,7 +6,7 @@ Wall-clock numbers on a shared 2-core machine move by ±5 % from run to run; the
 count of the same build moves by well under 1 %, so it shows what a change to the request
 path costs or saves before a `make bench` run can. It counts user-space work only (not the
 kernel's share of syscalls: compare syscall counts separately). Same fleet as `make bench`;
-edge runs under `valgrind --tool=callgrind` (apt-get install valgrind), instrumentation on
+edge runs under `valgrind --tool=callgrind` (installed with apt when missing), instrumentation on
 only while the measured requests run.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.fleet import Fleet, Target
+from tests.support.edge_process import REPO
 
 REQUEST = b'{"model":"bench","messages":[{"role":"user","content":"hi"}]}'
 
@@ -59,7 +60,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed: apt-get install -y valgrind")
+        ensure = REPO / "scripts" / "ensure-packages.sh"
+        if subprocess.run(["bash", str(ensure), "valgrind=valgrind"]).returncode != 0:
+            sys.exit("valgrind is needed and could not be installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="edge-cg-") as tmp, Fleet(Path(tmp)) as fleet:
         out = Path(tmp) / "cg"
         out.mkdir()
