@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import signal
 import socket
@@ -30,22 +29,6 @@ from edge.settings import Settings
 log = logging.getLogger("edge")
 
 
-GC_YOUNG = 50_000  # allocations between young-generation collections (CPython's default: 700)
-
-
-def tune_gc() -> None:
-    """Once serving: what exists now (the app, its clients, settings, modules) lives as long as
-    the process, so `gc.freeze()` keeps the collector from scanning it again; and the young
-    generation is collected every GC_YOUNG allocations rather than 700, since the request
-    path's objects are freed by reference counting (they rarely form cycles). Measured with
-    benchmarks/instructions.py: 400k -> 389k instructions per request; the soak test holds
-    RSS flat."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, middle, old)
-
-
 class EdgeServer(uvicorn.Server):
     """uvicorn's server, with edge's drain on SIGTERM."""
 
@@ -53,10 +36,6 @@ class EdgeServer(uvicorn.Server):
         super().__init__(config)
         self.edge = app
         self.drain_delay = drain_delay
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        tune_gc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM:
