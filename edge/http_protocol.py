@@ -16,11 +16,12 @@ connection, before anything reaches the app (so before Redis or the upstream):
 uvicorn's own answer to a request it cannot parse (the smuggling probes: Content-Length with
 chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
 
-And three things the request path needs, each saving per-request work:
+And what the request path needs, each saving per-request work:
 - each request's scope carries a `ClientLink` through which the protocol reports a lost
-  connection the moment it happens, so the proxy needs no watcher task or timer per request,
-  and through which the proxy writes an answer whose body is already whole in one write
-  (`EdgeCycle.answer`), without two ASGI messages and uvicorn's per-header checks;
+  connection the moment it happens, so the proxy needs no watcher task or timer per request;
+- through the same link the proxy writes its answers itself (`EdgeCycle`), without ASGI
+  messages and uvicorn's per-header checks: a whole one in one write, a streamed one from the
+  upstream connection's callback, piece by piece, with backpressure;
 - keep-alive idleness is enforced by the connection's one timer (the head timer), not by a
   timer uvicorn arms after every response and cancels on the next request.
 """
@@ -345,25 +346,17 @@ class EdgeCycle(RequestResponseCycle):
         """Write a complete response (head and whole body) in one write and complete the
         cycle. False, having written nothing, wherever uvicorn's own path must run instead
         (the caller then sends ASGI messages)."""
-        if not self._writable_now():
+        if self.scope["method"] != "HEAD" and status not in (204, 304):
+            if not self.start_stream(status, headers, hold=True):
+                return False
+            self.pipe_body(body, more=False)  # the held head and the whole body, one write
+            return True
+        if body or not self._writable_now():  # bodyless answers: the head alone
             return False
         parts, length = self._head(status, headers)
-        head_only = self.scope["method"] == "HEAD"
-        if length == -2 or (length >= 0 and not head_only and length != len(body)):
-            return False  # uvicorn's path reports the mismatch
-        if head_only:
-            parts.append(b"\r\n")
-        elif length >= 0:
-            parts += (b"\r\n", body)
-        elif status in (204, 304):
-            if body:
-                return False
-            parts.append(b"\r\n")
-        elif body:
-            parts += (b"transfer-encoding: chunked\r\n\r\n%x\r\n" % len(body), body)
-            parts.append(b"\r\n0\r\n\r\n")
-        else:
-            parts.append(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        if length == -2:
+            return False
+        parts.append(b"\r\n")
         self.response_started = True
         self.waiting_for_100_continue = False
         self.transport.write(b"".join(parts))

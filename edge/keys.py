@@ -117,15 +117,15 @@ def record_key(kid: str) -> str:
 
 
 def admit_keys(kid: str) -> tuple[str, str, str]:
-    """admit.lua's KEYS: the record, then the minute and day buckets."""
-    base = f"edge:key:{{{kid}}}"
+    """admit.lua's KEYS: the record, then the minute and day buckets (in the record's slot)."""
+    base = record_key(kid)
     return base, base + ":m", base + ":d"
 
 
 def bucket_keys(kid: str) -> tuple[str, str]:
-    """The minute and day token buckets of `kid`, in the record's slot."""
-    base = record_key(kid)
-    return f"{base}:m", f"{base}:d"
+    """The minute and day token buckets of `kid`."""
+    _, minute, day = admit_keys(kid)
+    return minute, day
 
 
 RECORD_PREFIX = "edge:key:{"

@@ -35,7 +35,6 @@ class Runtime:
     limiter: Limiter
     metrics: Metrics
     upstream: UpstreamPool
-    upstream_base: str
     key_format: KeyFormat
     store: KeyStore
     demo_key: str | None = None
@@ -75,7 +74,6 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             limiter=Limiter(hot, scripts, settings.plans, metrics),
             metrics=metrics,
             upstream=upstream,
-            upstream_base=upstream_base,
             key_format=KeyFormat(settings.keys.prefix),
             store=KeyStore(redis, scripts, settings),
         )

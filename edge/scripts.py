@@ -64,13 +64,8 @@ class Script:
         args: Sequence[Arg],
         on_noscript: NoscriptHook | None = None,
     ) -> Any:
-        with redis_errors(f"{self.name}.lua"):
-            try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-            except rex.NoScriptError:
-                if on_noscript is not None:
-                    on_noscript()
-                return await client.eval(self.source, len(keys), *keys, *args)
+        """One call (key management's); the request path binds its script once (`bind`)."""
+        return await BoundScript(self, client, (), on_noscript)(keys, args)
 
     def bind(
         self, client: ScriptClient, tail: Sequence[Arg], on_noscript: NoscriptHook | None = None

@@ -520,10 +520,6 @@ class UpstreamPool:
                 waiter.set_exception(ConnectFailed("the upstream pool is closed"))
         await asyncio.sleep(0)  # let the transports close
 
-    def stats(self) -> tuple[int, int]:
-        """(open connections, idle ones)."""
-        return self._open, len(self._idle)
-
     async def _acquire(self) -> Connection:
         idle = self._idle
         if idle:
