@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tests.support.edge_process import REPO, EdgeProcess, edge_env, run_cli
 from tests.support.nginx import Nginx, StaticNginx
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import wait_port
+from tests.support.process import LocalServer
 from tests.support.redis_server import RedisServer
 
 # A ~300-byte chat completion: what every plain request gets from the upstream.
@@ -46,17 +47,8 @@ class Target:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
 
-class SseUpstream:
+class SseUpstream(LocalServer):
     """benchmarks/streams.py's SSE server as its own process."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self) -> SseUpstream:
         self.proc = subprocess.Popen(
@@ -66,13 +58,7 @@ class SseUpstream:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.halt(signal.SIGTERM, 10)
 
 
 class Fleet(contextlib.ExitStack):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.ports import free_port
+from tests.support.process import LocalServer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "edge.toml"
 PROVIDER_KEY = "sk-provider-test-0123456789abcdef"
 
 
-class EdgeProcess:
+class EdgeProcess(LocalServer):
     def __init__(
         self,
         log_dir: Path,
@@ -27,21 +27,11 @@ class EdgeProcess:
         args: tuple[str, ...] = (),
         wrapper: tuple[str, ...] = (),  # a command edge runs under (the benchmarks: valgrind)
     ) -> None:
+        super().__init__()
         self.args = args
         self.wrapper = wrapper
-        self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self, timeout: float = 20.0) -> EdgeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
@@ -75,14 +65,7 @@ class EdgeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return self.halt(signal.SIGTERM, 15)  # edge drains, then exits 0
 
 
 def run_cli(

@@ -13,7 +13,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import wait_port
+from tests.support.process import LocalServer
 
 HEAD = """
 worker_processes 1;
@@ -66,23 +67,13 @@ def nginx_binary() -> str:
     return binary
 
 
-class Nginx:
+class Nginx(LocalServer):
     """nginx `proxy_pass` over `backends` (loopback ports)."""
 
     def __init__(self, directory: Path, backends: list[int]) -> None:
+        super().__init__()
         self.dir = directory
-        self.port = free_port()
         self.backends = backends
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def config(self) -> str:
         servers = "\n".join(f"    server 127.0.0.1:{p};" for p in self.backends)
@@ -102,13 +93,7 @@ class Nginx:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.halt(signal.SIGQUIT, 10)  # nginx's graceful stop
 
 
 class StaticNginx(Nginx):

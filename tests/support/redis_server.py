@@ -15,24 +15,21 @@ from pathlib import Path
 
 import redis
 
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import wait_port
+from tests.support.process import LocalServer
 
 
-class RedisServer:
+class RedisServer(LocalServer):
+    scheme = "redis"
+
     def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+        super().__init__(port)
         self.dir = directory
-        self.port = port or free_port()
         self.extra = list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return super().url + "/0"
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -90,15 +87,9 @@ class RedisServer:
         os.kill(self.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.pid, signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        self.halt(signal.SIGTERM, 10)
 
     def restart(self) -> None:
         self.stop()
