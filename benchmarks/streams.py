@@ -17,22 +17,16 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import orjson
+from edge.demo import sse_chunk
 
 STAMP = re.compile(rb'"sent_ns":(\d+),')
 DONE = b"data: [DONE]"
 
 
 def event(i: int) -> bytes:
-    chunk = {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "bench",
-        "sent_ns": time.monotonic_ns(),
-        "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
-    }
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    """A chunk stamped with when it is written (`sent_ns`, before `choices`: see STAMP)."""
+    delta = {"content": f"tok{i} "}
+    return sse_chunk("chatcmpl-bench", 0, "bench", delta, sent_ns=time.monotonic_ns())
 
 
 def _chunk(data: bytes) -> bytes:

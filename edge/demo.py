@@ -146,6 +146,22 @@ async def chat(request: web.Request) -> web.StreamResponse:
     )
 
 
+def sse_chunk(
+    ident: str,
+    created: int,
+    model: Any,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    **extra: Any,
+) -> bytes:
+    """One `chat.completion.chunk` as an SSE event (`extra` fields go before `choices`): the
+    demo's stream, and the fakes of the tests and the benchmark."""
+    chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+    chunk.update(extra)
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
 async def _stream(
     request: web.Request, ident: str, created: int, model: Any, text: str
 ) -> web.StreamResponse:
@@ -157,16 +173,8 @@ async def _stream(
         {"content": word + " "} for word in text.split()
     ]
     for i, delta in enumerate([*pieces, {}]):
-        chunk = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [
-                {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(pieces) else None}
-            ],
-        }
-        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        finish = "stop" if i == len(pieces) else None
+        await resp.write(sse_chunk(ident, created, model, delta, finish))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

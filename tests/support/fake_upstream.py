@@ -77,14 +77,7 @@ def _rst(request: web.Request) -> None:
 
 
 def _sse_event(i: int) -> bytes:
-    chunk = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "fake",
-        "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
-    }
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return demo.sse_chunk("chatcmpl-fake", 0, "fake", {"content": f"tok{i} "})
 
 
 class FakeUpstream:
