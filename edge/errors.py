@@ -11,7 +11,8 @@ Every answer edge's own code gives is OpenAI's error shape, as JSON:
     ├── NotFound, MethodNotAllowed 404 / 405 invalid_request_error
     ├── PayloadTooLarge            413 invalid_request_error / request_too_large
     ├── RateLimited                429 rate_limit_error / rate_limit_exceeded
-    ├── UpstreamUnreachable        502 upstream_error
+    ├── UpstreamUnreachable        502 upstream_error / upstream_unreachable
+    │   └── BadUpstreamResponse    502 upstream_error / bad_upstream_response
     ├── ServiceUnavailable         503 service_unavailable (Redis away, plan missing, starting)
     └── UpstreamTimeout            504 upstream_error
 
@@ -101,6 +102,14 @@ class RateLimited(EdgeError):
 class UpstreamUnreachable(EdgeError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
     message = "Bad gateway: the upstream API could not be reached. You can retry your request."
+
+
+class BadUpstreamResponse(UpstreamUnreachable):
+    code = "bad_upstream_response"
+    message = (
+        "Bad gateway: the upstream API's answer could not be relayed (not a valid HTTP "
+        "response, or one edge does not pass on). You can retry your request."
+    )
 
 
 class ServiceUnavailable(EdgeError):

@@ -59,7 +59,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             upstream_base = await stack.enter_async_context(start_demo_upstream())
         up = settings.upstream
         upstream = UpstreamPool(
-            upstream_base, up.max_connections, up.connect_timeout, up.read_timeout
+            upstream_base,
+            up.max_connections,
+            up.connect_timeout,
+            up.read_timeout,
+            max_head_bytes=up.max_header_bytes,
+            max_head_fields=up.max_headers,
         )
         stack.push_async_callback(upstream.close)
 

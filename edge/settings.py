@@ -65,6 +65,7 @@ class ServerSettings(_Section):
     max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16 * 1024
     max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
     header_timeout: Seconds = 10.0  # a request head must arrive within this
+    body_timeout: Seconds = 30.0  # at most this long between two pieces of a request body
     max_connections: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # 0: no cap
     # uvicorn takes these as delays; below a second they would only cause churn.
     keepalive_timeout: Annotated[Seconds, Field(ge=1)] = 75.0
@@ -151,6 +152,9 @@ class UpstreamSettings(_WithUrl):
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 600.0
     max_connections: Count = 1000
+    # an answer's head beyond either is a bad response (502): memory stays bounded
+    max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
 
 
 class KeysSettings(_Section):

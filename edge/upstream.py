@@ -16,6 +16,14 @@ Semantics kept from the aiohttp version (tests/test_upstream_faults_e2e.py holds
   connection was found closed before any byte of an answer (RFC 9112 §9.3.1); a POST never is;
 - a body without length framing ends when the connection does: a clean close ends it, a reset
   cuts it (`read()` raises), as does any close mid-way through a framed body;
+- a connection goes back to the pool only when both directions are complete: the whole request
+  body was written and the whole answer read. An upstream that answers before taking the whole
+  body ends the upload, and its connection is closed after the answer: were it reused, the next
+  request would be read as the rest of the abandoned body (a cross-tenant leak);
+- what is not an HTTP/1.1 answer edge can relay is a `BadResponse` (502): a head over
+  `max_head_bytes` or `max_head_fields`, a status outside 200-599 (1xx other than 100 and 103,
+  which precede the answer), a transfer coding other than plain chunked (as nginx refuses it:
+  edge re-frames answers, so it could not pass such a coding on faithfully);
 - `connect_timeout` bounds the wait for a pool slot plus the TCP/TLS connect; `read_timeout`
   bounds each silence of the upstream (before its headers, between two body pieces), not the
   whole exchange, so a stream may last as long as it keeps sending.
@@ -37,7 +45,8 @@ Sink = Callable[[bytes, bool], bool]  # (data, more) -> whether it can take more
 HIGH_WATER = 256 * 1024  # buffered, unread response bytes before reading pauses
 MERGE_UNDER = 64 * 1024  # a body this small goes out in one write with its head
 KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+INFORMATIONAL = (100, 103)  # 1xx answers that precede the real one
 
 
 class UpstreamError(Exception):
@@ -66,6 +75,11 @@ class Disconnected(UpstreamError):
 
 class BadResponse(UpstreamError):
     """The upstream's bytes are not an HTTP/1.1 response."""
+
+
+def head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """A head's header fields in bytes, as sent (name, ": ", value, CRLF)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def describe(exc: BaseException) -> str:
@@ -205,7 +219,7 @@ class Response:
             lname = name.lower()
             if lname == b"content-length":
                 return True
-            if lname == b"transfer-encoding" and b"chunked" in value.lower():
+            if lname == b"transfer-encoding" and value.strip().lower() == b"chunked":
                 return True
         return self.status in (204, 304)
 
@@ -265,6 +279,9 @@ class Connection(asyncio.Protocol):
         self.reused = False  # it has carried an answer before
         self.got_bytes = False  # of the current answer
         self.uploading = False  # a streamed request body is still going up
+        self.sent_whole = False  # the current request went out whole, body included
+        self.head_bytes = 0  # bytes read while the current answer's head(s) arrived
+        self.odd_coding = False  # the answer names a transfer coding other than chunked
         self.idle_since = 0.0
         self.last = 0.0  # when the upstream last sent a byte (or the current request began)
         self._timer: asyncio.TimerHandle | None = None  # the read deadline (see _check_read)
@@ -283,14 +300,22 @@ class Connection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last = self.loop.time()
+        heading = not resp.head.done()
+        if heading:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken(resp, BadResponse("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            self._broken(resp, BadResponse(f"unparseable response from the upstream ({exc})"))
+            cause = exc.__context__  # raised by one of the callbacks below
+            if not isinstance(cause, BadResponse):
+                cause = BadResponse(f"unparseable response from the upstream ({exc})")
+            self._broken(resp, cause)
         else:
-            if resp._sink is not None and resp._pieces and not resp.done:
+            if heading and not resp.head.done() and self.head_bytes > self.pool.max_head_bytes:
+                self._broken(resp, self._head_too_large())
+            elif resp._sink is not None and resp._pieces and not resp.done:
                 resp._to_sink(True)  # one hand-over per read, however many chunks it held
 
     def eof_received(self) -> bool:
@@ -321,14 +346,28 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.response.headers.append((name, value))  # type: ignore[union-attr]
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.odd_coding |= value.strip().lower() != b"chunked"
 
     def on_headers_complete(self) -> None:
+        """Raising here stops the parser; data_received reports the error (a 502)."""
         resp = self.response
         assert resp is not None
+        pool = self.pool
+        if len(resp.headers) > pool.max_head_fields:
+            raise self._head_too_large()
+        # Over the budget in bytes read: measure the head itself (the read may hold body too).
+        if self.head_bytes > pool.max_head_bytes and head_size(resp.headers) > pool.max_head_bytes:
+            raise self._head_too_large()
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # informational: the answer comes after it
+        if status in INFORMATIONAL:  # the answer comes after it
             resp.headers = []
+            self.odd_coding = False
             return
+        if not 200 <= status <= 599:
+            raise BadResponse(f"the upstream answered with status {status}")
+        if self.odd_coding:  # edge re-frames answers: it could not pass such a coding on
+            raise BadResponse("the upstream used a transfer coding other than chunked")
         resp.status = status
         if not self.parser.should_keep_alive():
             self.reusable = False
@@ -345,6 +384,13 @@ class Connection(asyncio.Protocol):
         if resp is not None and resp.head.done() and not resp.done:
             self._finish(resp)
 
+    def _head_too_large(self) -> BadResponse:
+        pool = self.pool
+        return BadResponse(
+            f"the upstream's response head is over {pool.max_head_bytes} bytes "
+            f"or {pool.max_head_fields} fields"
+        )
+
     # Used by the pool and the response.
 
     async def exchange(
@@ -352,24 +398,31 @@ class Connection(asyncio.Protocol):
     ) -> Response:
         resp = self.response = Response(self, is_head)
         self.got_bytes = False
+        self.sent_whole = False
+        self.head_bytes = 0
+        self.odd_coding = False
         transport = self.transport
         try:
             if body is None:
                 transport.write(head)
+                self.sent_whole = True
             elif isinstance(body, bytes):
                 if len(body) < MERGE_UNDER:
                     transport.write(head + body)
                 else:
                     transport.writelines((head, body))
+                self.sent_whole = True  # in the transport's buffer, in order: it will all go
             else:
                 transport.write(head)
                 self.uploading = True
                 try:
-                    await self._upload(body, resp)
+                    self.sent_whole = await self._upload(body, resp)
                 finally:
                     self.uploading = False
-                if resp.done:  # answered before the upload ended: the connection is spent
-                    self.close()
+                if not self.sent_whole:  # answered before the upload ended: never reused
+                    self.reusable = False
+                    if resp.done:
+                        self.close()
             self.last = self.loop.time()
             if self._timer is None:
                 self._timer = self.loop.call_at(
@@ -382,12 +435,13 @@ class Connection(asyncio.Protocol):
             raise
         return resp
 
-    async def _upload(self, body: AsyncIterator[bytes], resp: Response) -> None:
-        """Stream a body up, pausing while the transport's buffer is full. An upstream that
-        answers before taking it all ends the upload: the rest is not sent."""
+    async def _upload(self, body: AsyncIterator[bytes], resp: Response) -> bool:
+        """Stream a body up, pausing while the transport's buffer is full; True when all of
+        it was written. An upstream that answers before taking it all ends the upload: the
+        rest is not sent (and the connection must not be reused)."""
         async for chunk in body:
             if self.closed or resp.head.done():
-                return
+                return False
             self.transport.write(chunk)
             if self._write_paused:
                 self._drained = self.loop.create_future()
@@ -395,6 +449,7 @@ class Connection(asyncio.Protocol):
                     await self._drained
                 finally:
                     self._drained = None
+        return not self.closed
 
     def close(self) -> None:
         if not self.closed:
@@ -434,7 +489,7 @@ class Connection(asyncio.Protocol):
             resp._paused = False
         resp._conn = None
         self.response = None
-        if self.reusable and not self.closed and not self.uploading:
+        if self.reusable and self.sent_whole and not self.closed and not self.uploading:
             self.reused = True
             self.pool._release(self)
         else:
@@ -459,12 +514,16 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        max_head_bytes: int = 64 * 1024,
+        max_head_fields: int = 100,
     ) -> None:
         self.origin = Origin(url)
         self.loop = asyncio.get_running_loop()
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_head_bytes = max_head_bytes  # an answer's head beyond these: BadResponse
+        self.max_head_fields = max_head_fields
         if self.origin.https and ssl_context is None:
             ssl_context = ssl.create_default_context()
         self.ssl = ssl_context
