@@ -24,7 +24,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 SPOOL_IN_MEMORY = 1024 * 1024  # a spooled chunked body beyond this goes to a temporary file
 SPOOL_READ = 64 * 1024
 
@@ -39,6 +39,7 @@ class ClientGone(Exception):
 
 class Exchange:
     __slots__ = (
+        "body_problem",
         "client_gone",
         "decision",
         "early_body",
@@ -73,6 +74,7 @@ class Exchange:
         self.client_gone = False
         self.too_large = False
         self.early_body: bytes | None = None  # read whole before admission (model scopes)
+        self.body_problem: errors.EdgeError | None = None  # why its model cannot be used
         self.spooled_length: int | None = None  # a chunked body's size, once spooled
 
     @property
@@ -84,8 +86,15 @@ class Exchange:
         self.rate_headers = rate_limit_headers(decision)
 
     async def fail(self, err: errors.EdgeError, outcome: str, extra: Headers | None = None) -> None:
-        """Answer with `err` (plus this request's rate-limit headers) and record the outcome."""
+        """Answer with `err` (plus this request's rate-limit headers) and record the outcome.
+
+        A request whose body is still arriving is answered without reading the rest, and its
+        connection closes after the answer: a refused client (a stranger, perhaps) never gets
+        to make edge read, hold or parse its upload."""
         self.outcome = outcome
+        link = self.link
+        if link is not None and link.cycle.more_body:
+            link.end_after_answer()
         headers = self.rate_headers + extra if extra else self.rate_headers
         await errors.send_error(self.send, err, headers)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 class KidHints:
-    """A bounded set of key ids (kids) with a property worth remembering between requests."""
+    """A bounded set of key ids (kids), or key hashes, with a property worth remembering
+    between requests."""
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size

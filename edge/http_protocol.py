@@ -11,7 +11,16 @@ connection, before anything reaches the app (so before Redis or the upstream):
 - `server.max_headers`: more header fields than this, 431 and close;
 - `server.header_timeout`: a request head not complete this long after its first byte (or
   after the connection opened) gets 408 and close (or just close, if nothing came);
+- `server.body_timeout`: a request body that stalls this long between two pieces (while edge
+  is reading it) gets 408 and close, or just close once an answer has started: a slow
+  uploader cannot hold an upstream connection for ever;
 - `server.max_connections`: connections beyond the cap get 503 and close at once.
+
+Trailer fields (after a chunked body) are never request headers: httptools reports them
+through the same callback as header fields, and uvicorn appends them to the list it made the
+scope's headers, where authentication and forwarding would see them. Here that list is swapped
+for a fresh one once the head is complete, so trailers land apart; they are counted against
+the same limits as the head (fields and bytes, chunk framing included) and dropped.
 
 uvicorn's own answer to a request it cannot parse (the smuggling probes: Content-Length with
 chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
@@ -64,12 +73,22 @@ class RequestTimeout(errors.EdgeError):
     message = "The request headers did not arrive in time."
 
 
+BODY_TIMEOUT = RequestTimeout("The request body stalled: no part of it arrived in time.")
+CHUNK_FRAMING = 32  # bytes of chunk framing (size line, CRLFs) not counted against the limits
+# A lingering close (see ClientLink.end_after_answer): how long, and how much, edge goes on
+# reading (and dropping) what a refused client still sends, so that closing does not reset
+# the connection before the client has read its answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     max_header_bytes: int
     max_headers: int
     header_timeout: float
     max_connections: int  # 0: no cap
+    body_timeout: float = 30.0
 
     @classmethod
     def of(cls, server: ServerSettings) -> Limits:
@@ -78,6 +97,7 @@ class Limits:
             server.max_headers,
             server.header_timeout,
             server.max_connections,
+            server.body_timeout,
         )
 
 
@@ -92,13 +112,25 @@ class ClientLink:
     the one-write path for a whole response, `cycle.pipe_body` the callback path for a
     streamed one."""
 
-    __slots__ = ("cycle", "gone", "on_gone", "on_writable")
+    __slots__ = ("cycle", "gone", "on_gone", "on_writable", "protocol")
 
-    def __init__(self, cycle: EdgeCycle) -> None:
+    def __init__(self, cycle: EdgeCycle, protocol: EdgeHttpToolsProtocol) -> None:
         self.cycle = cycle
+        self.protocol = protocol
         self.gone = False
         self.on_gone: Callable[[], None] | None = None
         self.on_writable: Callable[[], None] | None = None  # the client drained its backlog
+
+    def end_after_answer(self) -> None:
+        """The answer about to be given ends the connection, though the client may still be
+        sending its body: edge reads no more of it (what arrives is dropped unparsed), and
+        after the answer closes gracefully, half-closing first and dropping what still comes
+        for a moment (nginx's lingering close), since closing a socket with unread bytes
+        resets it and the client could lose its answer."""
+        cycle = self.cycle
+        cycle.keep_alive = False
+        cycle.transport = _Lingering(self.protocol)  # type: ignore[assignment]
+        self.protocol.stop_reading_requests()
 
     def whole_body(self) -> bytes | None:
         """The request body if all of it has arrived (and was not asked for yet): what the
@@ -121,12 +153,18 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # the bytes arriving belong to a request head
         self._head_bytes = 0  # of the current head, so far
         self._tail = b""  # its last 3 bytes, to find a terminator split across reads
-        self._unmeasured = False  # a read arrived mid-request: the next head may start in it
+        self._fresh_read = False  # the current read began where a head would (measured)
+        self._unmeasured = False  # the current head began mid-read: _head_fits did not see it
+        self._framing = 0  # body-phase bytes that were not body: chunk framing and trailers
+        self._body_seen = 0.0  # loop time a piece of the current request body last arrived
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started: float | None = None  # loop time of the current head's first byte
         self._idle_since: float | None = None  # keep-alive: when the last response completed
         self._links: list[ClientLink] = []  # of the requests whose responses are not complete
         self._refused = False
+        self._dropping = False  # a refused request's body is arriving: drop it unparsed
+        self._dropped = 0
+        self._deferred: errors.EdgeError | None = None  # a refusal waiting for earlier answers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -156,12 +194,31 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._dropping:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
+        self._fresh_read = self._in_head and not self._head_bytes and not self._tail
         if not self._in_head:
-            self._unmeasured = True
+            self._framing += len(data)  # less the body bytes, once parsed (on_body)
         elif not self._head_fits(data):
-            self._refuse(self._too_large())
+            self._refuse_head(self._too_large())
             return
         super().data_received(data)
+        if self._in_head or self._refused:
+            return
+        # A request body is still arriving: bound what is not body, and arm its deadline.
+        if self._framing > self.limits.max_header_bytes or not self._trailers_fit():
+            self._refuse(self._trailers_too_large())
+            return
+        self._body_seen = now = self.loop.time()
+        due = now + self.limits.body_timeout
+        timer = self._head_timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._head_timer = self.loop.call_at(due, self._check_head)
 
     def _head_fits(self, data: bytes) -> bool:
         """Count `data` against the head budget; False once the head is over it."""
@@ -182,25 +239,37 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes, self._tail = size, (tail + data)[-3:]
         return size <= self.limits.max_header_bytes
 
+    def on_message_begin(self) -> None:
+        """A request's first byte. Only the first head to begin at the start of a read is
+        measured as its bytes arrive (`_head_fits`); any other is measured field by field."""
+        self._unmeasured = not self._fresh_read
+        self._fresh_read = False
+        HttpToolsProtocol.on_message_begin(self)
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_started = None
+        self._framing = 0
+        if self._dropping:  # behind a refused one, in the same read: never served
+            return
         if len(self.headers) > self.limits.max_headers:
-            self._refuse(
+            self._refuse_head(
                 HeadersTooLarge(f"More than {self.limits.max_headers} request header fields.")
             )
             return
-        if self._unmeasured:  # pipelined behind another request: measure it field by field
-            self._unmeasured = False
-            size = sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if self._unmeasured:
+            # Pipelined: the head began in a read after the end of the request before it,
+            # where _head_fits was not looking. Measured field by field instead.
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
             if size > self.limits.max_header_bytes:
-                self._refuse(self._too_large())
+                self._refuse_head(self._too_large())
                 return
         super().on_headers_complete()
+        self.headers = []  # uvicorn appends trailer fields here: apart from the scope's
         cycle = self.cycle
         if type(cycle) is RequestResponseCycle:  # a new one (not the upgrade path)
             cycle.__class__ = EdgeCycle
-            link = ClientLink(cast(EdgeCycle, cycle))
+            link = ClientLink(cast(EdgeCycle, cycle), self)
             cast(dict[str, Any], cycle.scope)[CLIENT] = link
             links = self._links
             if links and links[0].cycle.response_complete:
@@ -209,11 +278,33 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
+        if self._dropping:
+            return
+        if self.headers and not self._trailers_fit():
+            self._refuse(self._trailers_too_large())
+            return
         super().on_message_complete()
 
+    def _trailers_fit(self) -> bool:
+        """Whether the trailer fields received so far (never used: dropped with the request)
+        are within the head's limits."""
+        trailers = self.headers
+        if not trailers:
+            return True
+        limits = self.limits
+        if len(trailers) > limits.max_headers:
+            return False
+        return sum(len(n) + len(v) + 4 for n, v in trailers) <= limits.max_header_bytes
+
     def on_body(self, body: bytes) -> None:
-        if not self._refused:
+        self._framing -= len(body)
+        if not (self._refused or self._dropping):
             super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        """Each chunk may bring a little framing; what is beyond it counts against the head's
+        limits (so a long chunk extension or trailer section cannot grow without bound)."""
+        self._framing = max(0, self._framing - CHUNK_FRAMING)
 
     def on_response_complete(self) -> None:
         """uvicorn's, except that instead of arming a keep-alive timer after every response
@@ -227,6 +318,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
             return
+        if self._deferred is not None:  # every request before the refused one is answered
+            self._refuse(self._deferred)
+            return
         self._idle_since = self.loop.time()
         if self._head_timer is None:
             self._head_timer = self.loop.call_at(
@@ -236,9 +330,43 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self._refuse(INVALID_REQUEST)
 
+    def stop_reading_requests(self) -> None:
+        """Parse nothing more on this connection; what arrives is dropped (up to LINGER_BYTES)."""
+        self._dropping = True
+
+    def close_lingering(self) -> None:
+        """Close after the answer without a reset: send FIN once the answer is out, drop what
+        the client still sends, and close when it closes, or after LINGER_SECONDS."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        self._disarm_head_timer()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._head_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def _refuse_head(self, err: errors.EdgeError) -> None:
+        """Refuse the request whose head just arrived. Pipelined behind requests still being
+        answered, it waits for their answers (nothing more is read meanwhile)."""
+        self.headers = []  # refused: none of its fields is read as a trailer later
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._deferred = err
+            self._dropping = True
+            return
+        self._refuse(err)
+
     def _too_large(self) -> errors.EdgeError:
         return HeadersTooLarge(
             f"The request headers are larger than {self.limits.max_header_bytes} bytes."
+        )
+
+    def _trailers_too_large(self) -> errors.EdgeError:
+        return HeadersTooLarge(
+            f"The request's trailer fields are over {self.limits.max_header_bytes} bytes or "
+            f"{self.limits.max_headers} fields."
         )
 
     def _disarm_head_timer(self) -> None:
@@ -255,13 +383,19 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             return
         started, timeout = self._head_started, self.limits.header_timeout
         now = self.loop.time()
-        if self._in_head and started is not None and now - started >= timeout:
+        if self._dropping:  # nothing more is read: the request being answered decides
+            self._head_timer = self.loop.call_at(now + timeout, self._check_head)
+            return
+        if not self._in_head:  # a request body is arriving
+            self._check_body(now)
+            return
+        if started is not None and now - started >= timeout:
             if self._head_bytes or self._tail:
                 self._refuse(RequestTimeout())
             else:
                 self.transport.close()  # nothing was asked: nothing to answer
             return
-        due = started + timeout if self._in_head and started is not None else now + timeout
+        due = started + timeout if started is not None else now + timeout
         idle = self._idle_since
         if idle is not None and started is None and self._idle():
             if now - idle >= self.timeout_keep_alive:
@@ -269,6 +403,19 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
                 return
             due = min(due, idle + self.timeout_keep_alive)
         self._head_timer = self.loop.call_at(due, self._check_head)
+
+    def _check_body(self, now: float) -> None:
+        """The body deadline: `body_timeout` seconds without a piece of the request body while
+        edge is reading it. Time edge itself holds the body back (reading paused because the
+        app has not taken what came, or a 100-continue not yet sent) does not count."""
+        cycle = self.cycle
+        timeout = self.limits.body_timeout
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            self._body_seen = now
+        elif now - self._body_seen >= timeout:
+            self._refuse(BODY_TIMEOUT)
+            return
+        self._head_timer = self.loop.call_at(self._body_seen + timeout, self._check_head)
 
     def _idle(self) -> bool:
         """No request is being answered and none waits in the pipeline."""
@@ -302,6 +449,24 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+class _Lingering:
+    """A cycle's transport once its answer must end the connection while the client may still
+    be sending (`ClientLink.end_after_answer`): writes pass through, closing lingers."""
+
+    def __init__(self, protocol: EdgeHttpToolsProtocol) -> None:
+        self.protocol = protocol
+        self.transport = protocol.transport
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.protocol.close_lingering()
 
 
 class EdgeCycle(RequestResponseCycle):

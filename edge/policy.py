@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import re
 from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
-
-import orjson
 
 from edge import errors
 from edge.errors import Headers
@@ -50,10 +49,26 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"openai-project",
 }
 # Who the client is, as proxies in front of edge tell it: believed only from
-# server.trusted_proxies, rebuilt by `forwarded_headers` for everyone.
-FORWARDING = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+# server.trusted_proxies, rebuilt by `forwarded_headers` for everyone. Every `x-forwarded-*`
+# header counts (see `forwarding_name`), and the other names CDNs and proxies use for the
+# client's address; a spelling with underscores (`x_forwarded_for`, which some servers read as
+# the hyphenated one) is dropped from everyone, trusted proxies included.
+CLIENT_ADDRESS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-originating-ip",
+    }
 )
+# The methods forwarded (RFC 9110's, less TRACE and CONNECT: TRACE makes an upstream echo the
+# request it received, provider key included; CONNECT asks for a tunnel). Others get 405.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ALLOW = [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")]
 # Besides hop-by-hop: uvicorn writes its own Date; edge's rate-limit headers replace the
 # provider's (which describe the operator's account, not the client's key), and the provider's
 # organisation and project ids are the operator's business.
@@ -67,6 +82,9 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # `Connection` values that name no other header (nearly every response's): nothing to drop.
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 API_PREFIX = b"/v1/"
+# Single bytes, tested as ints: `b"%" in data` first tries the bytes as an integer, which
+# raises (and formats) a TypeError inside CPython on every call; `0x25 in data` is a memchr.
+DOT, PERCENT, BACKSLASH = 0x2E, 0x25, 0x5C
 BAD_QUERY_BYTE = re.compile(rb"[^\x21-\x7e]")  # spaces, controls, non-ASCII
 
 
@@ -79,7 +97,29 @@ class Inbound(NamedTuple):
     headers: RawHeaders  # to forward: no hop-by-hop, no client credentials
     auth: bytes | None  # the one Authorization value; None when absent or repeated
     length: bytes | None  # Content-Length as sent
-    forwarding: RawHeaders  # X-Forwarded-* / Forwarded as sent (see FORWARDING)
+    forwarding: RawHeaders  # X-Forwarded-*, Forwarded, … as sent (see forwarding_name)
+
+
+# What `inbound_headers` does with a header, by its (lower-case) name.
+KEEP, FROM_PROXY, DROP, AUTH, LENGTH, CONNECTION = range(6)
+_KINDS: dict[bytes, int] = {}  # header_kind's memo: names repeat from request to request
+KINDS_REMEMBERED = 2048
+
+
+def header_kind(name: bytes) -> int:
+    """KEEP (forward it), FROM_PROXY (who the client is: a trusted proxy's to say), DROP, or
+    one of the three headers edge reads itself (AUTH, LENGTH, CONNECTION)."""
+    if name == b"authorization":
+        return AUTH
+    if name == b"content-length":
+        return LENGTH
+    if name == b"connection":
+        return CONNECTION
+    if name in REQUEST_DROP:
+        return DROP
+    if forwarding_name(name):
+        return DROP if name.find(b"_") >= 0 else FROM_PROXY
+    return KEEP
 
 
 def inbound_headers(raw: RawHeaders) -> Inbound:
@@ -89,23 +129,33 @@ def inbound_headers(raw: RawHeaders) -> Inbound:
     auth: list[bytes] = []
     length: bytes | None = None
     listed: bytes | None = None
+    kinds = _KINDS
     for name, value in raw:
-        if name in FORWARDING:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = header_kind(name)
+            if len(kinds) < KINDS_REMEMBERED:
+                kinds[name] = kind
+        if kind == KEEP:
+            headers.append((name, value))
+        elif kind == FROM_PROXY:
             forwarding.append((name, value))
-            continue
-        if name in REQUEST_DROP:
-            if name == b"authorization":
-                auth.append(value)
-            elif name == b"content-length":
-                length = value
-            elif name == b"connection":
-                listed = value if listed is None else listed + b"," + value
-            continue
-        headers.append((name, value))
+        elif kind == AUTH:
+            auth.append(value)
+        elif kind == LENGTH:
+            length = value
+        elif kind == CONNECTION:
+            listed = value if listed is None else listed + b"," + value
     if listed is not None and listed.lower() not in PLAIN_CONNECTION:
         drop = {t.strip().lower() for t in listed.split(b",")}
         headers = [(n, v) for n, v in headers if n not in drop]
     return Inbound(headers, auth[0] if len(auth) == 1 else None, length, forwarding)
+
+
+def forwarding_name(name: bytes) -> bool:
+    """Whether a (lower-case) header name says who the client is, in any spelling."""
+    canonical = name.replace(b"_", b"-")
+    return canonical.startswith(b"x-forwarded-") or canonical in CLIENT_ADDRESS
 
 
 def response_headers(raw: RawHeaders) -> Headers:
@@ -126,17 +176,20 @@ def response_headers(raw: RawHeaders) -> Headers:
 
 
 def unsafe_path(raw: bytes) -> bool:
-    """True for a path the upstream could resolve outside the API base: dot-segments, encoded
-    slashes or backslashes, control characters or non-ASCII bytes."""
+    """True for a path the upstream could resolve outside the API base: dot-segments (also
+    percent-encoded, in layers, or with path parameters, `..;x`, which Tomcat resolves as
+    `..`), encoded slashes or backslashes, control characters or non-ASCII bytes."""
     if not raw.isascii():
         return True
-    if b"." not in raw and b"%" not in raw and b"\\" not in raw:
+    if DOT not in raw and PERCENT not in raw and BACKSLASH not in raw:
         return False
     for segment in raw.split(b"/"):
-        decoded = unquote_to_bytes(segment)
-        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded:
+        plain = decoded(segment)
+        if b"%" in plain and unquote_to_bytes(plain) != plain:
+            return True  # still encoded after three layers: nobody means that
+        if plain.split(b";", 1)[0].strip(b" ") in (b".", b".."):
             return True
-        if any(c < 0x20 or c == 0x7F for c in decoded):
+        if b"/" in plain or b"\\" in plain or any(c < 0x20 or c == 0x7F for c in plain):
             return True
     return False
 
@@ -187,7 +240,11 @@ class TargetPolicy:
 
     def _key_in_url(self, raw_path: bytes, query: bytes) -> bool:
         prefix = self._prefix
-        if b"%" in raw_path or prefix in raw_path or (query and (b"%" in query or prefix in query)):
+        if (
+            PERCENT in raw_path
+            or raw_path.find(prefix) >= 0
+            or (query and (PERCENT in query or query.find(prefix) >= 0))
+        ):
             return bool(self._key.search(decoded(raw_path)) or self._key.search(decoded(query)))
         return False
 
@@ -197,17 +254,56 @@ class TargetPolicy:
         )
 
 
-MAX_MODEL_CHARS = 256
+MAX_MODEL_BYTES = 256  # UTF-8; admit.lua holds a model to the same bound
 
 
-def body_model(body: bytes) -> str | None:
-    """The request body's top-level "model", if it is a JSON object with a usable one."""
+class BodyModel(NamedTuple):
+    """What a request body says its model is: `model`, or None with the `problem` (a message
+    for the client; None when the body simply has no usable model)."""
+
+    model: str | None
+    problem: str | None = None
+    code: str = "invalid_body"
+
+
+DUPLICATE_MODEL = BodyModel(
+    None,
+    'The request body has more than one "model" field (names compared ignoring case); '
+    "send exactly one.",
+)
+LONG_MODEL = BodyModel(
+    None, f"The model name is longer than {MAX_MODEL_BYTES} bytes.", "model_too_long"
+)
+
+
+def body_model(body: bytes) -> BodyModel:
+    """The request body's top-level "model", for a key whose model scopes must be checked.
+
+    Two fields that could both be read as the model (`model` and `MODEL`, or `model` twice)
+    make the body unusable: an upstream that matches names ignoring case (Go's encoding/json)
+    or keeps the first duplicate would run another model than the one checked. orjson keeps
+    only the last of duplicates, so the standard library's parser, which shows every pair,
+    reads the top level here (only for such keys: a few µs more on a typical body)."""
+    top: list[list[tuple[str, object]]] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        top[:] = [items]  # the outermost object is the last one completed
+        return dict(items)
+
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_CHARS else None
+        data = json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return BodyModel(None)
+    if not isinstance(data, dict):
+        return BodyModel(None)
+    if sum(1 for name, _ in top[0] if name.casefold() == "model") > 1:
+        return DUPLICATE_MODEL
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        return BodyModel(None)
+    if len(model.encode("utf-8", "surrogatepass")) > MAX_MODEL_BYTES:
+        return LONG_MODEL
+    return BodyModel(model)
 
 
 def upstream_target(base_path: bytes, raw_path: bytes, query: bytes) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -32,9 +33,11 @@ from edge.limiter import (
     rejection,
 )
 from edge.logs import Throttle
-from edge.metrics import NO_PLAN
+from edge.metrics import MULTIPROC_ENV, NO_PLAN
 from edge.policy import (
+    ALLOW,
     API_PREFIX,
+    FORWARDED_METHODS,
     Inbound,
     TargetPolicy,
     TrustedProxies,
@@ -46,7 +49,7 @@ from edge.policy import (
     upstream_target,
 )
 from edge.scripts import RedisUnavailable
-from edge.upstream import Response, UpstreamError, describe
+from edge.upstream import BadResponse, Response, UpstreamError, describe
 
 if TYPE_CHECKING:
     from edge.runtime import Runtime
@@ -58,8 +61,11 @@ NO_KEY = (
     "'Authorization: Bearer <key>'."
 )
 STARTING = errors.ServiceUnavailable("The server is not ready yet: edge is starting up.")
+METHOD_REFUSED = errors.MethodNotAllowed(
+    "This method is not forwarded. edge forwards GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS."
+)
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
-NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # bodyless: no Content-Length: 0
+NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS"})  # bodyless: no Content-Length: 0
 
 
 class Proxy:
@@ -74,10 +80,19 @@ class Proxy:
         self.rt = rt
         self.policy = TargetPolicy(rt.settings.keys.prefix, rt.settings.server.max_body_bytes)
         redis = rt.settings.redis
-        self._fail_open = FailOpen(redis.fail_open_auth_ttl) if redis.fail_open else None
+        self._fail_open = (
+            FailOpen(redis.fail_open_auth_ttl, shared_dir=os.environ.get(MULTIPROC_ENV))
+            if redis.fail_open
+            else None
+        )
         self._provider = provider_headers(rt.settings.upstream)
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
         self._base_path = rt.upstream.origin.base_path
+
+    def key_changed(self, kid: str) -> None:
+        """A key was changed through this instance's admin API (`KeyStore.on_change`)."""
+        if self._fail_open is not None:
+            self._fail_open.forget(kid)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.rt
@@ -107,6 +122,9 @@ class Proxy:
         scope = ex.scope
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope["query_string"]
+        if ex.method not in FORWARDED_METHODS:
+            await ex.fail(METHOD_REFUSED, "bad_request", ALLOW)
+            return
         inbound = inbound_headers(scope["headers"])
         bad = self.policy.check(raw_path, query, inbound.length)
         if bad is not None:
@@ -152,14 +170,19 @@ class Proxy:
         the `model`). Which keys those are, this instance learns from the script's replies and
         remembers as a hint: a wrong hint costs a body parse or a second call, never a wrong
         decision, since the scopes themselves are checked in Redis on every request.
+
+        The hint is kept by the key's hash, so only a key that proved itself (Redis matched
+        its hash) has its body read before it is authenticated. A stranger, even one who
+        forged a well-formed key for a known key id, is refused before edge reads a byte of
+        its body.
         """
-        hinted = key.kid in self._model_scoped
+        hinted = key.hash in self._model_scoped
         model = await self._model(ex) if hinted else MODEL_NOT_READ
         decision = await rt.limiter.admit(key, route, model)
         if decision.code == Code.NEED_MODEL:
             decision = await rt.limiter.admit(key, route, await self._model(ex))
         if decision.model_scoped != hinted and decision.code not in SHORT_REPLIES:
-            self._model_scoped.note(key.kid, decision.model_scoped)
+            self._model_scoped.note(key.hash, decision.model_scoped)
         if self._fail_open:
             self._fail_open.note(key, decision)
         return decision
@@ -170,7 +193,10 @@ class Proxy:
         body = await ex.read_body(self.policy.max_body, framed)
         if not body and ex.method in BODYLESS:
             return NO_BODY
-        return model_state(body_model(body))
+        read = body_model(body)
+        if read.problem is not None:  # the answer if the key turns out to have model scopes
+            ex.body_problem = errors.BadRequest(read.problem, code=read.code, param="model")
+        return model_state(read.model)
 
     @staticmethod
     def _key(rt: Runtime, inbound: Inbound) -> ParsedKey | None:
@@ -184,7 +210,10 @@ class Proxy:
             self._log_throttled(
                 "plan-missing", "key %s has plan %r, which is not configured", kid, d.plan
             )
-        await ex.fail(answer.error, answer.outcome, answer.headers)
+        error = answer.error
+        if d.code == Code.MODEL_UNREADABLE and ex.body_problem is not None:
+            error = ex.body_problem  # what exactly is wrong with the body's model
+        await ex.fail(error, answer.outcome, answer.headers)
 
     async def _forward(
         self, rt: Runtime, ex: Exchange, target: bytes, inbound: Inbound, kid: str
@@ -227,6 +256,9 @@ class Proxy:
             assert isinstance(exc, UpstreamError)
             await ex.fail(self._upstream_error(exc), "upstream_error")
             return
+        streamed = not (data is None or isinstance(data, bytes))
+        if streamed and ex.link is not None and ex.link.cycle.more_body:
+            ex.link.end_after_answer()  # answered before the upload ended: read no more of it
         try:
             rt.metrics.ttfb_by_plan[ex.plan].observe(perf_counter() - sent)
             rt.metrics.upstream_status(ex.plan, resp.status)
@@ -293,6 +325,9 @@ class Proxy:
         if exc.timeout:  # connect (or pool slot) and read deadlines alike
             self._log_throttled("upstream-timeout", "upstream timed out: %s", describe(exc))
             return errors.UpstreamTimeout()
+        if isinstance(exc, BadResponse):
+            self._log_throttled("upstream-bad", "bad upstream response: %s", describe(exc))
+            return errors.BadUpstreamResponse()
         self._log_throttled("upstream-error", "upstream unreachable: %s", describe(exc))
         return errors.UpstreamUnreachable()
 

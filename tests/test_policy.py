@@ -16,8 +16,11 @@ from pydantic import SecretStr
 from edge import errors
 from edge.keys import make_key, new_kid
 from edge.policy import (
+    FORWARDED_METHODS,
+    MAX_MODEL_BYTES,
     TargetPolicy,
     TrustedProxies,
+    body_model,
     decoded,
     forwarded_headers,
     inbound_headers,
@@ -44,6 +47,16 @@ POLICY = TargetPolicy("gw_sk_", max_body=1000)
         b"/v1/a\\b",
         b"/v1/a%00b",
         b"/v1/caf\xc3\xa9",
+        # path parameters (Tomcat resolves `..;x` as `..`) and layers of encoding
+        b"/v1/chat/completions/..;/files",
+        b"/v1/chat/completions/.;/x",
+        b"/v1/a/..;jsessionid=1/b",
+        b"/v1/a/%2e%2e;x/b",
+        b"/v1/a/%252e%252e/b",
+        b"/v1/a/%25252e%25252e/b",
+        b"/v1/a/%2525252e/b",  # still encoded after three layers
+        b"/v1/a/%252f/b",
+        b"/v1/a/%2e%2e%20/b",
     ],
 )
 def test_unsafe_paths(path: bytes) -> None:
@@ -58,6 +71,9 @@ def test_unsafe_paths(path: bytes) -> None:
         b"/v1/files/file-abc.jsonl/content",
         b"/v1/a%20b",
         b"/v1/...",
+        b"/v1/a;b/c",
+        b"/v1/files/a.b;c",
+        b"/v1/a%2525b",  # a literal "%25" (two layers): decodes to "%", not a path trick
     ],
 )
 def test_safe_paths(path: bytes) -> None:
@@ -272,3 +288,89 @@ def test_trusted_proxies_match_by_network() -> None:
     assert not trusted.trusts("11.0.0.1") and not trusted.trusts("not-an-ip")
     assert not trusted.trusts(None)
     assert not TrustedProxies(()).trusts("10.0.0.1")
+
+
+def test_only_the_listed_methods_are_forwarded() -> None:
+    assert {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} == FORWARDED_METHODS
+    assert "TRACE" not in FORWARDED_METHODS and "CONNECT" not in FORWARDED_METHODS
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x_forwarded_for",
+        b"x-real_ip",
+        b"x_forwarded_host",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"cf-connecting-ip",
+        b"forwarded",
+    ],
+)
+def test_every_spelling_of_a_forwarding_header_is_dropped_from_strangers(name: bytes) -> None:
+    inbound = inbound_headers([(name, b"6.6.6.6"), (b"x-keep", b"1")])
+    assert inbound.headers == [(b"x-keep", b"1")]
+    sent = forwarded_headers(inbound.forwarding, "10.1.2.3", "http", trusted=False)
+    assert sent == [(b"X-Forwarded-For", b"10.1.2.3"), (b"X-Forwarded-Proto", b"http")]
+
+
+def test_a_trusted_proxy_keeps_its_forwarding_headers_but_never_underscored_ones() -> None:
+    raw = [
+        (b"x-forwarded-port", b"443"),
+        (b"x_forwarded_for", b"6.6.6.6"),
+        (b"x-real-ip", b"1.1.1.1"),
+    ]
+    inbound = inbound_headers(raw)
+    assert inbound.headers == []
+    sent = forwarded_headers(inbound.forwarding, "10.0.0.5", "https", trusted=True)
+    assert sent == [
+        (b"x-forwarded-port", b"443"),
+        (b"x-real-ip", b"1.1.1.1"),
+        (b"X-Forwarded-For", b"10.0.0.5"),
+        (b"X-Forwarded-Proto", b"https"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "model"),
+    [
+        (b'{"model": "gpt-4o", "messages": []}', "gpt-4o"),
+        (b'{"messages": [{"model": "x"}, {"MODEL": "y"}], "model": "m"}', "m"),  # nested: fine
+        (b'{"model": ""}', None),
+        (b'{"model": 5}', None),
+        (b"[1, 2]", None),
+        (b"{not json", None),
+        (b"", None),
+    ],
+)
+def test_body_model_reads_the_top_level_model(body: bytes, model: str | None) -> None:
+    read = body_model(body)
+    assert read.model == model and read.problem is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "gpt-4o-mini", "MODEL": "gpt-4o"}',
+        b'{"Model": "gpt-4o", "model": "gpt-4o-mini"}',
+        b'{"model": "gpt-4o", "model": "gpt-4o-mini"}',
+        b'{"mod\\u0065l": "gpt-4o", "model": "gpt-4o-mini"}',
+        b'{"model": "gpt-4o-mini", "mODEL": 1}',
+    ],
+)
+def test_two_fields_that_could_be_the_model_make_the_body_unusable(body: bytes) -> None:
+    read = body_model(body)
+    assert read.model is None and read.problem is not None and "model" in read.problem
+
+
+def test_a_model_over_the_byte_bound_is_refused_by_name() -> None:
+    assert body_model(b'{"model": "%s"}' % (b"m" * MAX_MODEL_BYTES)).model is not None
+    long = body_model(b'{"model": "%s"}' % (b"m" * (MAX_MODEL_BYTES + 1)))
+    assert long.model is None and long.code == "model_too_long"
+    wide = body_model(('{"model": "%s"}' % ("é" * 200)).encode())  # 200 chars, 400 bytes
+    assert wide.code == "model_too_long"

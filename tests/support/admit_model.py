@@ -58,7 +58,7 @@ def _route_ok(routes: list[str], route: str) -> bool:
     return any(route == r or route.startswith(r + "/") for r in routes)
 
 
-def _glob(pattern: str, value: str) -> bool:
+def glob_matches(pattern: str, value: str) -> bool:
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.fullmatch(regex, value, re.DOTALL) is not None
 
@@ -123,9 +123,9 @@ def decide(
             if model == "":
                 return short(10, scoped)
             if model != "~":
-                if not model.startswith("="):
+                if not model.startswith("=") or len(model[1:].encode()) > 256:
                     return short(11, scoped)
-                if not any(_glob(g, model[1:]) for g in models):
+                if not any(glob_matches(g, model[1:]) for g in models):
                     return short(8, scoped)
     if credits == 0:
         return Outcome([9, plan, 0, 0, 0, 0, 0, 0, 0, 0, scoped, expiry])

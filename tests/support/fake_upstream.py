@@ -17,6 +17,11 @@ handlers: models, chat completions plain and streaming, embeddings). Knobs, as r
   x-fake-unframed: close|reset  answer with a body that has no length framing (no
                             Content-Length, not chunked: it ends when the connection does),
                             x-fake-chunks events 20 ms apart, then close cleanly or reset
+  x-fake-echo: 1            answer 200 `message/http` with the request as received (request line
+                            and headers), as Apache answers TRACE
+  x-fake-go-json: 1         decode the body as Go's encoding/json fills a struct field `Model`
+                            (keys matched ignoring case, escapes decoded, the last match wins)
+                            and answer {"object": "go-json", "model": <the model it would run>}
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import socket
 import struct
 import threading
@@ -74,6 +80,34 @@ def _rst(request: web.Request) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+def _echo(request: web.Request, rec: Record) -> tuple[web.Response, list[tuple[str, str]], bytes]:
+    """The request as received, the way a server with TRACE enabled sends it back."""
+    version = f"HTTP/{request.version.major}.{request.version.minor}"
+    lines = [f"{request.method} {request.raw_path} {version}".encode("latin-1")]
+    lines += [name + b": " + value for name, value in rec.raw_headers]
+    payload = b"\r\n".join(lines) + b"\r\n\r\n"
+    return web.Response(body=payload, content_type="message/http"), [], payload
+
+
+def go_json_model(body: bytes) -> str | None:
+    """The `Model` a Go service decoding `body` with encoding/json would see: every top-level
+    key equal to "model" ignoring case (after unescaping) sets the field, so the last wins.
+    (Go folds with Unicode simple folding; for "model" that adds nothing beyond ASCII case.)"""
+    try:
+        pairs = json.loads(body, object_pairs_hook=_Pairs)
+    except ValueError:
+        return None
+    model = None
+    for name, value in pairs if isinstance(pairs, _Pairs) else ():
+        if name.lower() == "model" and isinstance(value, str):
+            model = value
+    return model
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
 
 
 def _sse_event(i: int) -> bytes:
@@ -170,6 +204,12 @@ class FakeUpstream:
         for line in h.getall("x-fake-header", []):
             name, _, value = line.partition(":")
             extra.append((name.strip(), value.strip()))
+        if h.get("x-fake-echo") == "1":
+            return self._finish(rec, *_echo(request, rec))
+        if h.get("x-fake-go-json") == "1":
+            payload = orjson.dumps({"object": "go-json", "model": go_json_model(rec.body)})
+            decoded = web.Response(body=payload, content_type="application/json")
+            return self._finish(rec, decoded, extra, payload)
         if "x-fake-unframed" in h:
             return await self._unframed(request, rec, h["x-fake-unframed"] == "reset")
         if "x-fake-chunks" in h:

@@ -15,6 +15,21 @@ def rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def reset_peak_rss(pid: int) -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) of `pid`; its RSS now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return rss(pid)
+
+
+def peak_rss(pid: int) -> int:
+    """The most resident memory `pid` has had (VmHWM; since `reset_peak_rss`, if called), in
+    bytes: a peak that a buffer freed since no longer shows in RSS."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
