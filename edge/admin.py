@@ -34,7 +34,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
-from edge.key_specs import CreditChange, KeyUpdate, ListQuery, NewKey, Rotation, explain
+from edge.key_specs import (
+    AuditQuery,
+    CreditChange,
+    KeyUpdate,
+    ListQuery,
+    NewKey,
+    Rotation,
+    explain,
+)
 from edge.records import KeyRecord
 from edge.scripts import RedisUnavailable
 from edge.settings import Settings
@@ -194,14 +202,16 @@ async def create(request: Request, store: KeyStore) -> Response:
     return record(rec, 201, key)
 
 
-async def listing(request: Request, store: KeyStore) -> Response:
-    params: dict[str, Any] = dict(request.query_params)
-    if str(params.get("limit", "")).isdigit():
-        params["limit"] = int(params["limit"])
+def query_of(request: Request, model: type[Spec]) -> Spec:
+    """The query string as `model`; 422 naming the parameter otherwise."""
     try:
-        query = ListQuery.model_validate(params)
+        return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
         raise Invalid(*explain(exc)) from None
+
+
+async def listing(request: Request, store: KeyStore) -> Response:
+    query = query_of(request, ListQuery)
     try:
         page = await store.list_page(query.owner, query.status, query.cursor, query.limit)
     except ValueError as exc:
@@ -244,12 +254,9 @@ async def plans(request: Request, store: KeyStore) -> Response:
 
 
 async def audit(request: Request, store: KeyStore) -> Response:
-    params = dict(request.query_params)
-    limit_text = params.get("limit", "50")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
-        raise Invalid("limit: must be a whole number from 1 to 1000", "limit")
+    query = query_of(request, AuditQuery)
     try:
-        entries, cursor = await store.audit.page(params.get("cursor"), int(limit_text))
+        entries, cursor = await store.audit.page(query.cursor, query.limit)
     except ValueError as exc:
         raise Invalid(f"cursor: {exc}", "cursor") from None
     return json({"object": "list", "data": entries, "next_cursor": cursor})

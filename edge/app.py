@@ -100,6 +100,7 @@ class Edge:
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
         async with open_runtime(self.settings) as rt:
             self.proxy.bind(rt)
+            rt.store.on_change.append(self.proxy.key_changed)
             self.control.state.runtime = self.operator.state.runtime = rt
             if admin_enabled(self.settings):
                 token = self.settings.admin.token.get_secret_value()

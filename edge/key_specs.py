@@ -33,9 +33,17 @@ STATUSES = ("active", "paused", "revoked")
 # (the settings module words pydantic's errors the same way for config files)
 
 
+# Never meant in a name, and able to disguise one in a terminal or a log: C0 and C1 controls,
+# line and paragraph separators, and the bidirectional formatting characters (which reorder
+# what follows them). Other format characters, such as the zero-width joiner inside emoji, stay.
+INVISIBLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
 def _printable(value: str) -> str:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise ValueError("must not contain control characters")
+    if INVISIBLE.search(value):
+        raise ValueError("must not contain control or bidirectional formatting characters")
     return value
 
 
@@ -55,7 +63,8 @@ def _glob(value: str) -> str:
 
 
 Text = Annotated[str, Field(max_length=TEXT_LIMIT), AfterValidator(_printable)]
-Limit = Annotated[StrictInt, Field(ge=0, lt=10**12)]
+MAX_CREDITS = 10**12 - 1  # 12 digits: the most admit.lua reads as a number
+Limit = Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)]
 Seconds = Annotated[StrictInt, Field(ge=1, le=MAX_SECONDS)]
 Grace = Annotated[StrictInt, Field(ge=0, le=MAX_SECONDS)]
 UnixTime = Annotated[StrictInt, Field(ge=1, lt=MAX_UNIX)]
@@ -142,11 +151,16 @@ class CreditChange(_Spec):
     delta: Annotated[StrictInt, Field(gt=-(10**12), lt=10**12)]
 
 
+# A page size from a query string: text, parsed (lax), ASCII digits only ("²" is a digit to
+# str.isdigit, not to int()), held to 1-1000 whatever its length.
+PageSize = Annotated[int, Field(ge=1, le=1000, strict=False)]
+
+
 class ListQuery(_Spec):
     owner: Text | None = None
     status: str | None = None
     cursor: str | None = None
-    limit: Annotated[StrictInt, Field(ge=1, le=1000)] = 100
+    limit: PageSize = 100
 
     @field_validator("status")
     @classmethod
@@ -154,6 +168,11 @@ class ListQuery(_Spec):
         if status is not None and status not in STATUSES:
             raise ValueError(f"must be one of {', '.join(STATUSES)}")
         return status
+
+
+class AuditQuery(_Spec):
+    cursor: str | None = None
+    limit: PageSize = 50
 
 
 def explain(exc: ValidationError) -> tuple[str, str | None]:

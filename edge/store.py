@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
 
 from edge import key_index
 from edge.audit import Audit
-from edge.key_specs import KeyUpdate, NewKey, Scopes, changed_fields
+from edge.key_specs import MAX_CREDITS, KeyUpdate, NewKey, Scopes, changed_fields
 from edge.keys import KID_LEN, bucket_keys, key_hash, make_key, new_kid, record_key
 from edge.limiter import DAY_MS, bucket_used
 from edge.owners import STALE_SECONDS, Owners, keys_key
@@ -65,7 +66,11 @@ def _scopes_field(scopes: Scopes | None) -> str:
 
 
 class KeyStore:
-    """Key operations against one Redis client; the CLI and the admin API share it."""
+    """Key operations against one Redis client; the CLI and the admin API share it.
+
+    `on_change` callbacks hear the kid of every key a call here changed, the moment Redis has
+    the change: what this process remembers about a key (the fail-open table) must not
+    outlive a change made through it."""
 
     def __init__(self, client: StoreClient, scripts: Scripts, settings: Settings) -> None:
         self.client = client
@@ -73,6 +78,11 @@ class KeyStore:
         self.settings = settings
         self.owners = Owners(client, scripts.reserve, settings.keys.max_per_owner)
         self.audit = Audit(client, settings.admin.audit_max)
+        self.on_change: list[Callable[[str], None]] = []
+
+    def _changed(self, kid: str) -> None:
+        for callback in self.on_change:
+            callback(kid)
 
     @property
     def plans(self) -> dict[str, Any]:
@@ -218,6 +228,7 @@ class KeyStore:
                 "revoked (keys.max_per_owner)"
             )
         await self._write(kid, self.scripts.update, pairs)
+        self._changed(kid)
         if moving:
             if before.owner:
                 await self.owners.forget(before.owner, kid, entry)
@@ -255,6 +266,7 @@ class KeyStore:
             raise KeyNotFound(f"no key with id {kid!r}")
         if done == -1:
             raise Conflict(f"key {kid} is revoked; revocation is final")
+        self._changed(kid)
         record = await self.get(kid)
         if status == "revoked" and record.owner:
             await self.owners.release(record.owner, kid)
@@ -272,6 +284,7 @@ class KeyStore:
             raise KeyNotFound(f"no key with id {kid!r}")
         if done == -1:
             raise Conflict(f"key {kid} is revoked; revocation is final")
+        self._changed(kid)
         record = await self.get(kid)
         changes = {"grace_seconds": grace_seconds}
         await self.audit.record("rotate", kid, record.owner, actor, changes)
@@ -288,6 +301,12 @@ class KeyStore:
             raise Conflict(
                 f"key {kid} has unlimited credits; give it a balance first (update credits)"
             )
+        if balance == -4:
+            raise Conflict(
+                f"key {kid}: a balance holds at most {MAX_CREDITS:,} credits; this change would "
+                "pass that, so nothing changed"
+            )
+        self._changed(kid)
         record = await self.get(kid)
         changes = {"delta": delta, "credits": balance}
         await self.audit.record("credits", kid, record.owner, actor, changes)

@@ -7,12 +7,19 @@ clients, upstream pool and event loop) running the same drain on SIGTERM. It rep
 that dies; on SIGTERM or SIGINT it passes SIGTERM on, waits for every worker to drain (up to
 `drain_delay + drain_timeout` and a margin), then removes the metrics directory and exits 0.
 
+A worker never outlives the supervisor: SIGHUP (a closed terminal, or an operator expecting a
+reload, which edge does not do yet) is ignored by supervisor and workers alike, with a log
+line, instead of killing the supervisor and leaving its workers serving the port; and each
+worker asks the kernel for SIGTERM the moment its parent dies (`PR_SET_PDEATHSIG`), so even a
+SIGKILLed supervisor takes its workers with it (they drain as on any SIGTERM).
+
 Why not uvicorn's own `--workers`: its workers run uvicorn's plain server, which has no drain
 and re-raises SIGTERM on the way out (exit -15), and it knows nothing of the metrics directory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -32,13 +39,29 @@ STARTUP_FAILURE = 3  # uvicorn's exit code when the app could not start
 POLL = 0.5
 
 
-def worker_main(settings: Settings, sockets: list[socket.socket], index: int) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent dies (Linux; elsewhere nothing happens)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_main(settings: Settings, sockets: list[socket.socket], index: int, parent: int) -> None:
     """One worker: a full edge on its own sockets (runs in a spawned process)."""
     from edge import logs
     from edge.server import run_server
 
     logs.configure(settings.log.level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, and sends SIGTERM
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent(parent)
     raise SystemExit(run_server(settings, sockets, banner=index == 0))
 
 
@@ -55,6 +78,7 @@ class Supervisor:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers at spawn
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             self.workers = [self._start(i) for i in range(self.settings.server.workers)]
             log.info("supervisor %d: %d workers", os.getpid(), len(self.workers))
@@ -71,10 +95,13 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.stopping.set()
 
+    def _on_hangup(self, sig: int, frame: FrameType | None) -> None:
+        log.warning("SIGHUP ignored: edge does not reload its configuration yet; restart it")
+
     def _start(self, index: int) -> BaseProcess:
         worker = self._context.Process(
             target=worker_main,
-            args=(self.settings, self.sockets[index], index),
+            args=(self.settings, self.sockets[index], index, os.getpid()),
             name=f"edge-{index}",
         )
         worker.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,34 @@ def test_ttl_expiry_and_size() -> None:
     for key in keys:
         small.note(key, ADMITTED)
     assert small.admit(keys[0]) is None and small.admit(keys[2]) is not None
+
+
+def test_a_change_made_through_this_instance_forgets_the_key() -> None:
+    cache = FailOpen(ttl=60)
+    cache.note(KEY, ADMITTED)
+    cache.forget(KEY.kid)
+    assert cache.admit(KEY) is None
+    cache.note(KEY, ADMITTED)  # validated again after the change: remembered again
+    assert cache.admit(KEY) is not None
+
+
+def test_workers_of_one_instance_hear_each_others_changes(tmp_path: Path) -> None:
+    """Two workers share the supervisor's directory: a change through one is honoured by the
+    other before it admits anything without Redis; a validation after the change stands."""
+    one = FailOpen(ttl=60, shared_dir=str(tmp_path))
+    two = FailOpen(ttl=60, shared_dir=str(tmp_path))
+    other = ParsedKey("BBBBBBBBBBBB", "b" * 64)
+    two.note(KEY, ADMITTED)
+    two.note(other, ADMITTED)
+    one.forget(KEY.kid)
+    assert two.admit(KEY) is None
+    assert two.admit(other) is not None
+    two.note(KEY, ADMITTED)
+    assert two.admit(KEY) is not None  # validated after the change
+
+
+def test_a_new_worker_does_not_replay_old_changes(tmp_path: Path) -> None:
+    FailOpen(ttl=60, shared_dir=str(tmp_path)).forget(KEY.kid)
+    late = FailOpen(ttl=60, shared_dir=str(tmp_path))
+    late.note(KEY, ADMITTED)
+    assert late.admit(KEY) is not None

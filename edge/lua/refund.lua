@@ -11,4 +11,5 @@ Reply: the balance after the refund, or -1 when the key has no balance to refund
 
 local credits = redis.call('HGET', KEYS[1], 'credits')
 if not credits or #credits > 12 or not string.match(credits, '^%d+$') then return -1 end
+if credits == '999999999999' then return tonumber(credits) end  -- the most a balance holds
 return redis.call('HINCRBY', KEYS[1], 'credits', 1)
