@@ -1,4 +1,4 @@
-from edge.cli import main
+from edge.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,12 +20,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from edge import errors
-from edge.admin import AdminApi, admin_enabled
-from edge.exchange import Receive, Scope, Send
+from edge.control.admin_api import AdminApi, admin_enabled
 from edge.health import healthz, readyz
-from edge.metrics import CONTENT_TYPE
-from edge.policy import API_PREFIX
-from edge.proxy import Proxy
+from edge.metrics.registry import CONTENT_TYPE
+from edge.proxy.exchange import Receive, Scope, Send
+from edge.proxy.handler import Proxy
+from edge.proxy.policy import API_PREFIX
 from edge.runtime import Runtime, open_runtime
 from edge.settings import Settings
 

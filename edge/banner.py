@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from edge.key_specs import NewKey
+from edge.control.specs import NewKey
 from edge.runtime import Runtime
 
 log = logging.getLogger("edge")

@@ -6,22 +6,31 @@ Every answer edge's own code gives is OpenAI's error shape, as JSON:
     EdgeError                      500 server_error / internal_error; the message is safe to show
     ├── BadRequest                 400 invalid_request_error
     ├── InvalidApiKey              401 invalid_request_error / invalid_api_key
+    ├── AdminTokenInvalid          401 invalid_request_error / invalid_admin_token
     ├── InsufficientBalance        402 insufficient_balance / insufficient_balance
     ├── PermissionDenied           403 permission_error / insufficient_permissions
     ├── NotFound, MethodNotAllowed 404 / 405 invalid_request_error
+    ├── RequestTimeout             408 invalid_request_error / request_timeout
+    ├── Conflicting                409 invalid_request_error / conflict (admin)
     ├── PayloadTooLarge            413 invalid_request_error / request_too_large
+    ├── Unprocessable              422 invalid_request_error / invalid_value (admin)
     ├── RateLimited                429 rate_limit_error / rate_limit_exceeded
+    ├── HeadersTooLarge            431 invalid_request_error / request_header_fields_too_large
     ├── UpstreamUnreachable        502 upstream_error / upstream_unreachable
     │   └── BadUpstreamResponse    502 upstream_error / bad_upstream_response
     ├── ServiceUnavailable         503 service_unavailable (Redis away, plan missing, starting)
+    │   ├── RedisUnavailable       503, with the failure's kind for edge_redis_errors_total
+    │   └── UpstreamBusy           503 / upstream_busy: every upstream connection busy
     └── UpstreamTimeout            504 upstream_error
 
 Messages follow OpenAI's wording where OpenAI has one, because client libraries classify
 errors by it: LiteLLM, for one, treats a 401 as an authentication error only when its message
 contains "Incorrect API key provided". They never echo a key, a secret or a header value.
 
-Third-party exceptions are translated where they arise (redis in `scripts.py`, the upstream
-client's in `proxy.py`); `send_error` (raw ASGI) and `error_response` (Starlette) render them all.
+Third-party exceptions are translated once, at their boundary: Redis's in `redis/failures.py`,
+the upstream client's in `proxy/handler.py`. The control plane's own exceptions (`StoreError`
+and its kin in `control/store.py`) are operator messages the admin API maps onto 404 / 409 /
+422. `send_error` (raw ASGI) and `error_response` (Starlette) render them all.
 """
 
 from __future__ import annotations
@@ -63,6 +72,11 @@ class BadRequest(EdgeError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
+class AdminTokenInvalid(EdgeError):
+    status, type, code = 401, "invalid_request_error", "invalid_admin_token"
+    message = "Incorrect admin token provided. Send it as 'Authorization: Bearer <admin.token>'."
+
+
 class InvalidApiKey(EdgeError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
     message = (
@@ -91,8 +105,29 @@ class MethodNotAllowed(EdgeError):
     message = "Method not allowed on this URL."
 
 
+class RequestTimeout(EdgeError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+    message = "The request headers did not arrive in time."
+
+
+class Conflicting(EdgeError):
+    """The admin API: the key's state forbids the change (revoked, owner at the cap, …)."""
+
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
 class PayloadTooLarge(EdgeError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class Unprocessable(EdgeError):
+    """The admin API: a request body or query that does not validate; `param` names it."""
+
+    status, type, code = 422, "invalid_request_error", "invalid_value"
+
+
+class HeadersTooLarge(EdgeError):
+    status, type, code = 431, "invalid_request_error", "request_header_fields_too_large"
 
 
 class RateLimited(EdgeError):
@@ -118,6 +153,24 @@ class ServiceUnavailable(EdgeError):
         "The server is not ready yet: edge cannot check API keys right now. You can retry "
         "your request shortly."
     )
+
+
+class UpstreamBusy(ServiceUnavailable):
+    code = "upstream_busy"
+    message = (
+        "Too many requests are waiting for the upstream API on this server. You can retry your "
+        "request shortly."
+    )
+
+
+class RedisUnavailable(ServiceUnavailable):
+    """Redis did not answer usefully; `kind` is timeout, connection, noscript or other (the
+    label of edge_redis_errors_total). Raised by `redis/failures.py`, the one translation."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.detail = detail
 
 
 class UpstreamTimeout(EdgeError):

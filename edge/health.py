@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edge.errors import ServiceUnavailable, error_response
+from edge.redis.failures import error_kind
 from edge.runtime import Runtime
-from edge.scripts import error_kind
 
 JSON = "application/json"
 

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from edge import connection
+from edge.control.store import KeyStore
 from edge.demo import start_demo_upstream
 from edge.keys import KeyFormat
-from edge.limiter import Limiter
-from edge.metrics import Metrics
-from edge.redis_types import ScriptClient
-from edge.scripts import Scripts
+from edge.metrics.registry import Metrics
+from edge.proxy.admission import Limiter
+from edge.redis import clients as connection
+from edge.redis.scripts import Scripts
+from edge.redis.types import ScriptClient
 from edge.settings import Settings
-from edge.store import KeyStore
-from edge.upstream import UpstreamPool
+from edge.transport.upstream.pool import UpstreamPool
 
 log = logging.getLogger("edge")
 

@@ -1,5 +1,5 @@
 """Running edge: uvicorn (uvloop + httptools) with edge's HTTP protocol, its listeners, and the
-SIGTERM drain; `supervisor.py` runs several of these for `--workers`.
+SIGTERM drain; `supervisor.py` runs several of these for `--workers` (and `serve()` chooses).
 
 Drain (DESIGN §5): the first SIGTERM makes `/readyz` answer 503 at once while the instance
 keeps serving for `server.drain_delay` seconds (the load balancer notices and stops sending);
@@ -20,11 +20,10 @@ from typing import cast
 
 import uvicorn
 
-from edge import logs
 from edge.app import Edge, create_app
 from edge.banner import announce
-from edge.http_protocol import Limits, protocol_class
 from edge.settings import Settings
+from edge.transport.protocol import Limits, protocol_class
 
 log = logging.getLogger("edge")
 
@@ -126,19 +125,3 @@ def run_server(
     server = EdgeServer(uvicorn_config(app, settings), app, settings.server.drain_delay)
     server.run(sockets=sockets)
     return 0 if server.started else 1
-
-
-def serve(settings: Settings, demo_key: bool = False) -> int:
-    logs.configure(settings.log.level)
-    if settings.server.workers > 1:
-        from edge.supervisor import Supervisor
-
-        sets = worker_listeners(settings, settings.server.workers)
-        supervisor: int = Supervisor(settings, sets).run()
-        return supervisor
-    sockets = listeners(settings)
-    try:
-        return run_server(settings, sockets, demo_key=demo_key)
-    finally:
-        for sock in sockets:
-            sock.close()

@@ -35,13 +35,13 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from edge.redis_urls import check_url
 from edge.urls import check_upstream_url, redact_url
 
 DEFAULT_CONFIG = Path("config") / "edge.toml"
 PLAN_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 # At least 3 characters, ending in a separator, so a prefix never matches ordinary text.
 PREFIX = r"^[A-Za-z0-9][A-Za-z0-9_-]{1,14}[_-]$"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://")
 PATTERN_HELP = {
     "keys": "must be 3-16 letters, digits, '_' or '-', ending in '_' or '-' (e.g. gw_sk_, gp-)",
     "plans": "plan names are 1-32 lowercase letters, digits, '_' or '-'",
@@ -78,8 +78,6 @@ class ServerSettings(_Section):
 
 def _redis_url(url: str) -> str:
     if url:
-        from edge.connection import check_url  # lazy: imports redis
-
         check_url(url)
     return url
 

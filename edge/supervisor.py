@@ -2,7 +2,7 @@
 
 The supervisor binds the sockets (one set per worker, SO_REUSEPORT: see
 `server.worker_listeners`), makes the metrics directory (prometheus-client's
-multiprocess mode, see metrics.py) and starts the workers, each a full edge (its own Redis
+multiprocess mode, see metrics/registry.py) and starts the workers, each a full edge (its own Redis
 clients, upstream pool and event loop) running the same drain on SIGTERM. It replaces a worker
 that dies; on SIGTERM or SIGINT it passes SIGTERM on, waits for every worker to drain (up to
 `drain_delay + drain_timeout` and a margin), then removes the metrics directory and exits 0.
@@ -31,7 +31,9 @@ import threading
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from edge.metrics import MULTIPROC_ENV
+from edge import logs
+from edge.metrics.registry import MULTIPROC_ENV
+from edge.server import listeners, run_server, worker_listeners
 from edge.settings import Settings
 
 log = logging.getLogger("edge.supervisor")
@@ -53,11 +55,22 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def serve(settings: Settings, demo_key: bool = False) -> int:
+    """`edge serve`: one process on the listeners, or a supervisor of `server.workers`."""
+    logs.configure(settings.log.level)
+    if settings.server.workers > 1:
+        sets = worker_listeners(settings, settings.server.workers)
+        return Supervisor(settings, sets).run()
+    sockets = listeners(settings)
+    try:
+        return run_server(settings, sockets, demo_key=demo_key)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def worker_main(settings: Settings, sockets: list[socket.socket], index: int, parent: int) -> None:
     """One worker: a full edge on its own sockets (runs in a spawned process)."""
-    from edge import logs
-    from edge.server import run_server
-
     logs.configure(settings.log.level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, and sends SIGTERM
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import EdgeProcess, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key

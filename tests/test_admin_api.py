@@ -1,4 +1,5 @@
-"""The admin API (`/admin/*`, edge/admin.py) through real edge processes sharing one Redis.
+"""The admin API (`/admin/*`, edge/control/admin_api.py) through real edge processes sharing one
+Redis.
 
 Auth by admin token (404 when none is configured, 401 `invalid_admin_token` otherwise), key
 create/show/list/patch/pause/resume/revoke/rotate/credits, the 422 matrix, the per-owner cap
@@ -23,9 +24,9 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
-from edge.key_specs import NewKey
+from edge.control.specs import NewKey
+from edge.control.store import KeyStore
 from edge.keys import key_hash
-from edge.store import KeyStore
 from tests.support.edge_process import EdgeProcess, auth, edge_env, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import secret_part, store_call
@@ -829,8 +830,8 @@ def test_audit_lists_every_change_newest_first_without_secrets(
     for proc in pair:
         log = proc.log()
         assert_secret_free(log, keys, f"{proc.log_path}")
-        lines = [line for line in log.splitlines() if " edge.audit: " in line]
-        assert lines, f"{proc.log_path} has no edge.audit line"
+        lines = [line for line in log.splitlines() if " edge.control.audit: " in line]
+        assert lines, f"{proc.log_path} has no edge.control.audit line"
         for line in lines:
             assert HEX64.search(line) is None, line
     logged = {
@@ -855,7 +856,7 @@ def test_audit_lists_every_change_newest_first_without_secrets(
 
 def audit_lines(proc: EdgeProcess) -> list[dict[str, Any]]:
     """The JSON of each `edge.audit` log line of `proc`."""
-    marker = " edge.audit: "
+    marker = " edge.control.audit: "
     return [
         json.loads(line.split(marker, 1)[1]) for line in proc.log().splitlines() if marker in line
     ]

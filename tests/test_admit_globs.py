@@ -20,8 +20,9 @@ import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge import connection, keys
-from edge.scripts import Scripts
+from edge import keys
+from edge.redis import clients as connection
+from edge.redis.scripts import Scripts
 from tests.support.admit_model import glob_matches
 from tests.support.redis_server import RedisServer
 

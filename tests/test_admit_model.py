@@ -23,9 +23,10 @@ import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge import connection, keys
-from edge.records import text_fields
-from edge.scripts import Script
+from edge import keys
+from edge.control.records import text_fields
+from edge.redis import clients as connection
+from edge.redis.scripts import Script
 from tests.support.admit_model import decide, level
 from tests.support.redis_server import RedisServer
 

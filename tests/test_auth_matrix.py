@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from edge import keys
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import secret_part

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge.key_specs import KeyUpdate, NewKey
+from edge.control.specs import KeyUpdate, NewKey
+from edge.control.store import Conflict, KeyStore
 from edge.keys import bucket_keys, record_key
-from edge.store import Conflict, KeyStore
 from tests.support.edge_process import auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key, store_call

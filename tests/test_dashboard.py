@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
 
-from edge.key_specs import NewKey
+from edge.control.specs import NewKey
 from edge.keys import record_key
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
@@ -78,7 +78,7 @@ def test_workers_share_the_port_sum_their_metrics_and_are_replaced(
     def counted() -> float:
         return value(scrape(proc.url), "edge_requests_total", plan="team", outcome="allowed")
 
-    # Each worker hands its counts to the shared files every 0.1 s (edge/metric_batch.py):
+    # Each worker hands its counts to the shared files every 0.1 s (edge/metrics/batch.py):
     assert wait_until(lambda: counted() - before == 40, 2)
     for _ in range(4):  # whichever worker answers /metrics reports the sum over both
         assert counted() - before == 40

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import redis.asyncio
 
-from edge import connection, keys
-from edge.limiter import Code, decode, plan_args
-from edge.scripts import Script
+from edge import keys
+from edge.proxy.admission import Code, decode, plan_args
+from edge.redis import clients as connection
+from edge.redis.scripts import Script
 from edge.settings import load_settings
 from tests.support.edge_process import CONFIG, PROVIDER_KEY, EdgeProcess, edge_env
 from tests.support.fake_upstream import FakeUpstream

@@ -39,8 +39,8 @@ def test_error_statuses_and_codes() -> None:
 
 def test_401s_use_openais_phrase_so_clients_classify_them() -> None:
     """LiteLLM maps a 401 to AuthenticationError only when it says this (see errors.py)."""
-    from edge.limiter import Code, Decision, rejection
-    from edge.proxy import NO_KEY
+    from edge.proxy.admission import Code, Decision, rejection
+    from edge.proxy.handler import NO_KEY
 
     messages = [errors.InvalidApiKey().message, NO_KEY]
     messages += [rejection(Decision(c, "free")).error.message for c in (1, 2, 3)]
@@ -52,7 +52,7 @@ def test_no_message_says_request_too_large() -> None:
     """LiteLLM reads "Request too large" as a rate limit (a 413 is not one)."""
     big = errors.PayloadTooLarge("x")
     assert "Request too large" not in big.message
-    from edge.policy import TargetPolicy
+    from edge.proxy.policy import TargetPolicy
 
     assert "Request too large" not in TargetPolicy("gw_sk_", 10).too_large().message
 

@@ -1,4 +1,4 @@
-"""edge/fail_open.py: what may be admitted while Redis is away. No I/O."""
+"""edge/proxy/fail_open.py: what may be admitted while Redis is away. No I/O."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.fail_open import FailOpen
 from edge.keys import ParsedKey
-from edge.limiter import SCOPED_ROUTES, Code, Decision
+from edge.proxy.admission import SCOPED_ROUTES, Code, Decision
+from edge.proxy.fail_open import FailOpen
 
 KEY = ParsedKey("AAAAAAAAAAAA", "a" * 64)
 ADMITTED = Decision(Code.ADMITTED, "pro", 200, 50_000, 199, 300, 49_999, 1_700, 0)

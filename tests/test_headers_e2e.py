@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.raw_http import chunked, exchange, parse_response, request_head

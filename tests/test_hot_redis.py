@@ -1,4 +1,4 @@
-"""edge/hot_redis.py, the hot-path Redis client, against real redis-servers: replies reach the right
+"""edge/redis/hot.py, the hot-path Redis client, against real redis-servers: replies reach the right
 caller, deadlines hold when Redis stops answering, and it recovers by itself."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hiredis
 import pytest
 from redis import exceptions as rex
 
-from edge.hot_redis import PipelinedRedis, pack
+from edge.redis.hot import PipelinedRedis, pack
 from tests.support.redis_server import RedisServer
 
 

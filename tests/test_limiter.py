@@ -1,12 +1,11 @@
-"""edge/limiter.py: decoding admit.lua's reply and the rate-limit headers. No I/O."""
+"""edge/proxy/admission.py: decoding admit.lua's reply and the rate-limit headers. No I/O."""
 
 from __future__ import annotations
 
 from edge import errors
-from edge.limiter import (
+from edge.proxy.admission import (
     Code,
     Decision,
-    bucket_used,
     decode,
     go_duration,
     plan_args,
@@ -14,6 +13,7 @@ from edge.limiter import (
     rejection,
     rejection_headers,
 )
+from edge.redis.buckets import bucket_used
 from edge.settings import Plan
 
 

@@ -40,8 +40,8 @@ import pytest
 import redis
 
 from edge import errors, keys
+from edge.control.records import KeyRecord
 from edge.keys import record_key
-from edge.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import store_call

@@ -1,7 +1,8 @@
 """The Lua scripts ship as package data and load from the installed package (STYLE item 2,
 DESIGN §1 "Lua scripts live as `.lua` files in the package, are loaded once, called by SHA").
 
-Each script under `edge/lua/` reads through importlib.resources, opens with a `--[[ … ]]` block
+Each script under `edge/redis/lua/` reads through importlib.resources, opens with a `--[[ … ]]`
+block
 naming the KEYS and ARGV it uses, and hashes on a real redis-server to the SHA edge calls it by.
 The packaging side: pyproject's package-data covers `lua/*.lua`, and a wheel built offline
 contains every script byte for byte.
@@ -25,10 +26,10 @@ import pytest
 import redis
 from packaging.requirements import Requirement
 
-from edge.scripts import SCRIPT_NAMES, Script, read_source
+from edge.redis.scripts import SCRIPT_NAMES, Script, read_source
 from tests.support.edge_process import REPO
 
-LUA_DIR = resources.files("edge").joinpath("lua")
+LUA_DIR = resources.files("edge.redis").joinpath("lua")
 WHEEL_BUILD_SECONDS = 20
 
 
@@ -72,7 +73,7 @@ def test_script_loads_from_package_with_header(name: str, r: redis.Redis) -> Non
 def test_pyproject_package_data_covers_lua() -> None:
     with (REPO / "pyproject.toml").open("rb") as f:
         project = tomllib.load(f)
-    patterns = project["tool"]["setuptools"]["package-data"]["edge"]
+    patterns = project["tool"]["setuptools"]["package-data"]["edge.redis"]
     for name in ALL_SCRIPTS:
         path = f"lua/{name}.lua"
         assert any(fnmatch.fnmatch(path, p) for p in patterns), f"{path} is not package data"
@@ -130,6 +131,6 @@ def test_wheel_contains_lua_scripts(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for name in ALL_SCRIPTS:
-            member = f"edge/lua/{name}.lua"
+            member = f"edge/redis/lua/{name}.lua"
             assert member in names, f"{member} is missing from {wheel.name}"
             assert zf.read(member).decode("utf-8") == read_source(name)

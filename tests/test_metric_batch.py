@@ -1,4 +1,4 @@
-"""edge/metric_batch.py: batched metric updates expose exactly what direct ones would."""
+"""edge/metrics/batch.py: batched metric updates expose exactly what direct ones would."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from edge.metric_batch import Level, Observations, Tally, supports_batches
-from edge.metrics import ADMISSION_BUCKETS, Metrics
+from edge.metrics.batch import Level, Observations, Tally, supports_batches
+from edge.metrics.registry import ADMISSION_BUCKETS, Metrics
 from edge.settings import Plan
 
 values = st.lists(

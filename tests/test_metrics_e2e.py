@@ -9,7 +9,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.keys import record_key
-from edge.metrics import OUTCOMES
+from edge.metrics.registry import OUTCOMES
 from tests.support.edge_process import EdgeProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import inflight_settles, scrape, value

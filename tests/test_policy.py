@@ -1,4 +1,4 @@
-"""edge/policy.py: what may cross edge in each direction, decided without I/O.
+"""edge/proxy/policy.py: what may cross edge in each direction, decided without I/O.
 
 Covers the request target (one representation: the raw path, which must start with `/v1/`
 and is forwarded byte for byte; every percent-encoded spelling of the prefix is refused), keys
@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from edge import errors
 from edge.keys import make_key, new_kid
-from edge.policy import (
+from edge.proxy.policy import (
     FORWARDED_METHODS,
     MAX_MODEL_BYTES,
     TargetPolicy,
@@ -30,7 +30,7 @@ from edge.policy import (
     upstream_target,
 )
 from edge.settings import UpstreamSettings
-from edge.upstream import Origin
+from edge.transport.upstream.pool import Origin
 
 POLICY = TargetPolicy("gw_sk_", max_body=1000)
 

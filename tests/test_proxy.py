@@ -1,4 +1,4 @@
-"""edge/proxy.py in-process, with a real Redis: what only a broken dependency can show.
+"""edge/proxy/handler.py in-process, with a real Redis: what only a broken dependency can show.
 
 The upstream boundary catches what the upstream client raises (UpstreamError) and nothing
 else: an edge bug inside the upstream call is a logged 500, never passed off as "502 upstream
@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from edge.proxy import Proxy
+from edge.proxy.handler import Proxy
 from edge.runtime import open_runtime
 from edge.settings import load_settings
-from edge.upstream import Origin
+from edge.transport.upstream.pool import Origin
 from tests.support.edge_process import CONFIG
 from tests.support.keys import new_key
 from tests.support.redis_server import RedisServer

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
+from edge.control.records import KeyRecord
 from edge.keys import bucket_keys, record_key
-from edge.records import KeyRecord
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from edge import keys
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, edge_env, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import secret_part

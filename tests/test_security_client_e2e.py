@@ -35,8 +35,8 @@ import httpx
 import pytest
 import redis
 
+from edge.control.records import KeyRecord
 from edge.keys import ALPHABET, KID_LEN, SECRET_LEN, checksum, record_key
-from edge.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.monitor import CommandCounter

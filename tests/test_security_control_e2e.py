@@ -38,8 +38,8 @@ import httpx
 import pytest
 import redis
 
+from edge.control.records import KeyRecord
 from edge.keys import record_key
-from edge.records import KeyRecord
 from tests.support.edge_process import EdgeProcess, auth, edge_env, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key

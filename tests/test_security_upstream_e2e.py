@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth, edge_env
 from tests.support.procinfo import peak_rss, rss
 from tests.support.raw_http import (

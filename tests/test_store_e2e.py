@@ -1,4 +1,4 @@
-"""edge/store.py lifecycle semantics through a real edge process: rotation grace, expiry,
+"""edge/control/store.py lifecycle semantics through a real edge process: rotation grace, expiry,
 and what admission writes back (last_used, request count)."""
 
 from __future__ import annotations

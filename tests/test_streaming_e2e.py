@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import httpx
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import EdgeProcess, auth
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import inflight_settles

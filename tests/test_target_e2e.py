@@ -15,7 +15,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.raw_http import raw_get

@@ -1,5 +1,6 @@
-"""edge/upstream.py in process, on a fake transport (as uvicorn tests its own protocols): when a
-connection may go back to the pool, and which answers are refused as bad responses.
+"""edge/transport/upstream.py in process, on a fake transport (as uvicorn tests its own
+protocols): when a connection may go back to the pool, and which answers are refused as bad
+responses.
 
 The end-to-end versions of these attacks (through real sockets and a misbehaving upstream) are
 in tests/test_security_upstream_e2e.py; here each rule is pinned down byte for byte.
@@ -13,7 +14,10 @@ from typing import Any
 
 import pytest
 
-from edge.upstream import BadResponse, Connection, Response, UpstreamPool
+from edge.transport.upstream.connection import Connection
+from edge.transport.upstream.errors import BadResponse, PoolFull
+from edge.transport.upstream.pool import UpstreamPool
+from edge.transport.upstream.response import Response
 
 HEAD = b"POST /v1/x HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -195,3 +199,25 @@ async def test_endless_informational_answers_count_against_the_head_budget() -> 
     pieces = [b"HTTP/1.1 100 Continue\r\n\r\n"] * 2000
     resp, error = await exchange_with(pieces, max_head_bytes=16 * 1024)
     assert resp is None and isinstance(error, BadResponse)
+
+
+async def test_a_full_pool_is_its_own_error_and_hands_the_slot_on() -> None:
+    """Every connection busy for connect_timeout: PoolFull (edge's limit, answered 503), not a
+    timeout of the upstream's; the slot goes to the next waiter once the exchange is whole."""
+    pool = UpstreamPool("http://up.test/v1", 1, 0.05, 5.0)
+    conn = Connection(pool)
+    transport = FakeTransport(conn)
+    conn.connection_made(transport)
+    pool._open = 1
+    busy = asyncio.ensure_future(conn.exchange(b"GET / HTTP/1.1\r\n\r\n", None, False, 5.0))
+    await settle()
+    with pytest.raises(PoolFull) as caught:
+        await pool._acquire()
+    assert caught.value.never_sent and not caught.value.timeout
+    waiting = asyncio.ensure_future(pool._acquire())
+    await settle()
+    conn.data_received(OK)
+    resp = await busy
+    assert await resp.read() == b"ok"
+    assert await asyncio.wait_for(waiting, 1) is conn  # handed over, not reopened
+    await pool.close()

@@ -6,13 +6,13 @@ import asyncio
 import threading
 from typing import Any
 
-from edge import connection
-from edge.key_specs import NewKey
+from edge.control.records import KeyRecord
+from edge.control.specs import NewKey
+from edge.control.store import KeyStore
 from edge.keys import KID_LEN, SECRET_LEN
-from edge.records import KeyRecord
-from edge.scripts import Scripts
+from edge.redis import clients as connection
+from edge.redis.scripts import Scripts
 from edge.settings import RedisSettings, load_settings
-from edge.store import KeyStore
 from tests.support.edge_process import CONFIG
 
 

@@ -16,15 +16,16 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from edge import key_index
-from edge.audit import Audit
-from edge.key_specs import MAX_CREDITS, KeyUpdate, NewKey, Scopes, changed_fields
+from edge.control import key_index
+from edge.control.audit import Audit
+from edge.control.owners import STALE_SECONDS, Owners, keys_key
+from edge.control.records import KeyRecord, decode_record
+from edge.control.specs import MAX_CREDITS, KeyUpdate, NewKey, Scopes, changed_fields
 from edge.keys import KID_LEN, bucket_keys, key_hash, make_key, new_kid, record_key
-from edge.limiter import DAY_MS, bucket_used
-from edge.owners import STALE_SECONDS, Owners, keys_key
-from edge.records import KeyRecord, decode_record
-from edge.redis_types import StoreClient
-from edge.scripts import Scripts, redis_errors
+from edge.redis.buckets import DAY_MS, bucket_used
+from edge.redis.failures import redis_errors
+from edge.redis.scripts import Scripts
+from edge.redis.types import StoreClient
 from edge.settings import Settings
 
 KID = re.compile(rf"^[0-9A-Za-z]{{{KID_LEN}}}$")

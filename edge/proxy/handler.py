@@ -1,10 +1,10 @@
 """The /v1 data plane: a raw ASGI handler that authenticates, admits and relays.
 
 Per request: check the target and headers (`policy.py`, no I/O) → parse the key (no I/O) → one
-`admit.lua` call → the upstream request through the process's keep-alive pool (`upstream.py`),
-with the client's key swapped for the provider's and hop-by-hop headers dropped → the
-upstream's status, headers and bytes relayed piece by piece as they arrive, never decoded or
-buffered whole.
+`admit.lua` call → the upstream request through the process's keep-alive pool
+(`transport/upstream/`), with the client's key swapped for the provider's and hop-by-hop
+headers dropped → the upstream's status, headers and bytes relayed piece by piece as they
+arrive, never decoded or buffered whole.
 
 The upstream client's errors are translated here and nowhere else; anything else that escapes
 is an edge bug, logged with its traceback and answered 500.
@@ -16,25 +16,27 @@ import asyncio
 import logging
 import os
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edge import errors
-from edge.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
-from edge.fail_open import FailOpen
-from edge.hints import KidHints
-from edge.keys import ParsedKey, bearer_token
-from edge.limiter import (
+from edge.errors import RedisUnavailable
+from edge.keys import KeyFormat, ParsedKey, bearer_token
+from edge.logs import Throttle
+from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
+from edge.proxy.admission import (
     MODEL_NOT_READ,
     NO_BODY,
     UNLIMITED,
     Code,
     Decision,
+    Limiter,
     model_state,
     rejection,
 )
-from edge.logs import Throttle
-from edge.metrics import MULTIPROC_ENV, NO_PLAN
-from edge.policy import (
+from edge.proxy.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
+from edge.proxy.fail_open import FailOpen
+from edge.proxy.hints import KidHints
+from edge.proxy.policy import (
     ALLOW,
     API_PREFIX,
     FORWARDED_METHODS,
@@ -48,13 +50,24 @@ from edge.policy import (
     response_headers,
     upstream_target,
 )
-from edge.scripts import RedisUnavailable
-from edge.upstream import BadResponse, Response, UpstreamError, describe
+from edge.settings import Settings
+from edge.transport.upstream.errors import BadResponse, PoolFull, UpstreamError, describe
+from edge.transport.upstream.pool import UpstreamPool
+from edge.transport.upstream.response import Response
 
-if TYPE_CHECKING:
-    from edge.runtime import Runtime
 
-log = logging.getLogger("edge.proxy")
+class Resources(Protocol):
+    """What the data plane takes from the running app at start-up (the composition root's
+    `Runtime` has these; the data plane knows nothing else of it)."""
+
+    settings: Settings
+    limiter: Limiter
+    upstream: UpstreamPool
+    metrics: Metrics
+    key_format: KeyFormat
+
+
+log = logging.getLogger("edge.proxy.handler")
 
 NO_KEY = (
     "Incorrect API key provided: you didn't provide an API key. Send it in the header "
@@ -72,11 +85,11 @@ class Proxy:
     """The raw ASGI callable for /v1/*. Resources arrive via `bind()` at start-up."""
 
     def __init__(self) -> None:
-        self.rt: Runtime | None = None
+        self.rt: Resources | None = None
         self._throttle = Throttle()
         self._model_scoped = KidHints()
 
-    def bind(self, rt: Runtime) -> None:
+    def bind(self, rt: Resources) -> None:
         self.rt = rt
         self.policy = TargetPolicy(rt.settings.keys.prefix, rt.settings.server.max_body_bytes)
         redis = rt.settings.redis
@@ -118,7 +131,7 @@ class Proxy:
                 rt.metrics.count(ex.plan, ex.outcome)
             rt.metrics.active.dec()
 
-    async def _handle(self, rt: Runtime, ex: Exchange) -> None:
+    async def _handle(self, rt: Resources, ex: Exchange) -> None:
         scope = ex.scope
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope["query_string"]
@@ -163,7 +176,7 @@ class Proxy:
         target = upstream_target(self._base_path, raw_path, query)
         await self._forward(rt, ex, target, inbound, key.kid)
 
-    async def _admit(self, rt: Runtime, ex: Exchange, key: ParsedKey, route: str) -> Decision:
+    async def _admit(self, rt: Resources, ex: Exchange, key: ParsedKey, route: str) -> Decision:
         """One admit.lua call; two only the first time a key with model scopes is seen.
 
         Only keys with model scopes have their body read before admission (to give the script
@@ -199,11 +212,11 @@ class Proxy:
         return model_state(read.model)
 
     @staticmethod
-    def _key(rt: Runtime, inbound: Inbound) -> ParsedKey | None:
+    def _key(rt: Resources, inbound: Inbound) -> ParsedKey | None:
         token = bearer_token(inbound.auth) if inbound.auth is not None else None
         return rt.key_format.parse(token) if token is not None else None
 
-    async def _reject(self, rt: Runtime, ex: Exchange, d: Decision, kid: str) -> None:
+    async def _reject(self, rt: Resources, ex: Exchange, d: Decision, kid: str) -> None:
         answer = rejection(d)
         ex.plan = rt.metrics.label(d.plan) if answer.known else NO_PLAN
         if d.code == Code.PLAN_MISSING:
@@ -216,7 +229,7 @@ class Proxy:
         await ex.fail(error, answer.outcome, answer.headers)
 
     async def _forward(
-        self, rt: Runtime, ex: Exchange, target: bytes, inbound: Inbound, kid: str
+        self, rt: Resources, ex: Exchange, target: bytes, inbound: Inbound, kid: str
     ) -> None:
         try:
             data = await ex.request_body(self.policy.max_body, inbound.length is not None)
@@ -307,7 +320,7 @@ class Proxy:
         except UpstreamError as exc:
             self._cut(ex, describe(exc))
 
-    async def _refund(self, rt: Runtime, kid: str) -> None:
+    async def _refund(self, rt: Resources, kid: str) -> None:
         """The upstream never got the request: give its credit back (DESIGN §5)."""
         try:
             await rt.limiter.refund(kid)
@@ -322,7 +335,10 @@ class Proxy:
         )
 
     def _upstream_error(self, exc: UpstreamError) -> errors.EdgeError:
-        if exc.timeout:  # connect (or pool slot) and read deadlines alike
+        if isinstance(exc, PoolFull):  # edge's own limit, not the upstream's slowness
+            self._log_throttled("upstream-busy", "upstream pool full: %s", describe(exc))
+            return errors.UpstreamBusy()
+        if exc.timeout:  # connect and read deadlines alike
             self._log_throttled("upstream-timeout", "upstream timed out: %s", describe(exc))
             return errors.UpstreamTimeout()
         if isinstance(exc, BadResponse):

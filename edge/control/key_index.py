@@ -18,10 +18,10 @@ import base64
 import binascii
 import re
 
+from edge.control.records import text_fields
 from edge.keys import RECORD_PATTERN, kid_of
-from edge.records import text_fields
-from edge.redis_types import StoreClient
-from edge.scripts import redis_errors
+from edge.redis.failures import redis_errors
+from edge.redis.types import StoreClient
 
 INDEX = "edge:keys"
 INDEXED = "edge:keys:indexed:v2"
@@ -78,7 +78,7 @@ async def ensure(client: StoreClient) -> None:
     with redis_errors("indexing keys"):
         if await client.exists(INDEXED):
             return
-        from edge.owners import keys_key, live_key  # owners imports this module's users
+        from edge.control.owners import keys_key, live_key  # owners imports this module's users
 
         indexed = {member_kid(m) for m in await client.zrange(INDEX, 0, -1)}
         async for name in client.scan_iter(match=RECORD_PATTERN, count=1000):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 
+from edge.control.records import text_fields
 from edge.keys import record_key
-from edge.records import text_fields
-from edge.redis_types import StoreClient
-from edge.scripts import Script, redis_errors
+from edge.redis.failures import redis_errors
+from edge.redis.scripts import Script
+from edge.redis.types import StoreClient
 
 STALE_SECONDS = 60
 

@@ -1,14 +1,19 @@
 """The Redis client surfaces edge relies on, as Protocols, so its boundary is typed without
 depending on one client library: redis-py (standalone, cluster, fakeredis) and edge's own
-pipelined client (`hot_redis.py`) both satisfy them."""
+pipelined client (`hot.py`) both satisfy them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 Arg = str | bytes | int | float
 """One argument of a Redis command, as both clients encode it."""
+
+PreparedCall = Callable[[Sequence[str], Sequence[Arg]], Awaitable[Any]]
+"""An EVALSHA with its SHA and last arguments fixed: called with the keys and the rest."""
+PrepareEvalsha = Callable[[str, Sequence[Arg]], PreparedCall]
+"""A client's way of preparing one (only edge's pipelined client has it)."""
 
 
 class ScriptClient(Protocol):

@@ -7,18 +7,17 @@ headers are plain functions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from edge import errors
-from edge.errors import Headers
+from edge.errors import Headers, RedisUnavailable
 from edge.keys import ParsedKey, admit_keys, record_key
-from edge.metrics import Metrics
-from edge.redis_types import ScriptClient
-from edge.scripts import RedisUnavailable, Scripts
+from edge.metrics.registry import Metrics
+from edge.redis.scripts import Scripts
+from edge.redis.types import ScriptClient
 from edge.settings import Plan
 
 
@@ -76,20 +75,6 @@ def decode(reply: Sequence[Any]) -> Decision:
         return Decision(code, plan)
     n = [int(v) for v in reply[2:12]]
     return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8], n[9])
-
-
-def bucket_used(cap: int, tokens: float | None, ts: float | None, now_ms: int, window: int) -> int:
-    """Whole requests a bucket holds back right now (capacity minus its level), read as
-    admit.lua reads it: a missing or unreadable bucket is full, refill is continuous."""
-    if cap <= 0 or tokens is None or ts is None or tokens != tokens or ts != ts:
-        return 0
-    level = min(max(tokens, 0.0), cap)
-    if now_ms > ts:
-        level = min(cap, level + (now_ms - min(ts, now_ms + window)) * cap / window)
-    return max(0, min(cap, math.ceil(cap - level - 1e-9)))
-
-
-DAY_MS = 86_400_000
 
 
 def model_state(model: str | None) -> str:

@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from edge import cli_output as out
-from edge import connection
-from edge.cli_parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
-from edge.key_specs import KeyUpdate, NewKey, Rotation, explain
-from edge.scripts import RedisUnavailable, Scripts
+from edge.cli import output as out
+from edge.cli.parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
+from edge.control.specs import KeyUpdate, NewKey, Rotation, explain
+from edge.control.store import KeyStore, StoreError
+from edge.errors import RedisUnavailable
+from edge.redis import clients as connection
+from edge.redis.scripts import Scripts
 from edge.settings import ConfigError, Settings, load_settings
-from edge.store import KeyStore, StoreError
 
 CLI_REDIS_TIMEOUT = 5.0
 ACTOR = "cli"
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edge.server import serve
+    from edge.supervisor import serve
 
     flags = {"host": args.host, "port": args.port, "workers": args.workers}
     server = {name: value for name, value in flags.items() if value is not None}

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from edge.records import KeyRecord
+from edge.control.records import KeyRecord
 
 TIMES = ("created", "expires", "last_used", "rotated", "previous_key_valid_until", "time")
 LIST_COLUMNS = [

@@ -1,4 +1,4 @@
-"""The Lua scripts in `edge/lua/`, loaded from package data and called by SHA.
+"""The Lua scripts in `edge/redis/lua/`, loaded from package data and called by SHA.
 
 Each script is read once and loaded into Redis at start-up (`SCRIPT LOAD`, on every primary of
 a cluster). A call sends `EVALSHA`; when Redis answers `NOSCRIPT` (its script cache was flushed,
@@ -6,47 +6,26 @@ or a failover promoted a replica that never saw the script) the same call is sen
 `EVAL` with the source, which both runs it and caches it again. A `NOSCRIPT` answer means the
 script did not run, so this retry can never charge twice. It is the only retried answer.
 
-Redis exceptions are translated here, once, into `RedisUnavailable` with a `kind` for metrics.
+Errors are translated into `RedisUnavailable` by `failures.py`, as every Redis call of edge's is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 from redis import exceptions as rex
 
-from edge.errors import ServiceUnavailable
-from edge.hot_redis import PipelinedRedis, pack_args
-from edge.redis_types import Arg, ScriptClient, StoreClient
+from edge.redis.failures import translate
+from edge.redis.types import Arg, PrepareEvalsha, ScriptClient, StoreClient
 
 NoscriptHook = Callable[[], None]
 
 
-class RedisUnavailable(ServiceUnavailable):
-    """Redis did not answer usefully; `kind` is timeout, connection, noscript or other."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.detail = detail
-
-
-def error_kind(exc: BaseException) -> str:
-    if isinstance(exc, rex.TimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(exc, rex.ConnectionError | ConnectionError | OSError):
-        return "connection"
-    if isinstance(exc, rex.NoScriptError):
-        return "noscript"
-    return "other"
-
-
 def read_source(name: str) -> str:
-    return resources.files("edge").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files("edge.redis").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 class Script:
@@ -78,9 +57,10 @@ class BoundScript:
     """A script bound to a client and a fixed argument tail: `await bound(keys, args)` runs it
     with `args + tail`, errors translated as `Script` does.
 
-    On the request path's own client (`PipelinedRedis`) the EVALSHA is packed here, its fixed
-    part once, and sent without the generic call chain: admission is the one Redis call every
-    request makes (the measured saving is in the README's Performance section)."""
+    A client that can prepare an EVALSHA (the request path's own, `hot.PipelinedRedis`) packs
+    its fixed part once and sends each call without the generic call chain: admission is the
+    one Redis call every request makes (the measured saving is in the README's Performance
+    section)."""
 
     def __init__(
         self,
@@ -94,24 +74,18 @@ class BoundScript:
         self.tail = tuple(tail)
         self.on_noscript = on_noscript
         self.what = f"{script.name}.lua"
-        self._hot = client if isinstance(client, PipelinedRedis) else None
-        self._head = pack_args(("EVALSHA", script.sha))
-        self._packed_tail = pack_args(self.tail)
-        self._fixed = 3 + len(self.tail)  # EVALSHA, sha, numkeys, and the tail
+        prepare: PrepareEvalsha | None = getattr(client, "prepare_evalsha", None)
+        self._fast = prepare(script.sha, self.tail) if prepare is not None else None
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             try:
-                hot = self._hot
-                if hot is None:
+                fast = self._fast
+                if fast is None:
                     return await self.client.evalsha(
                         self.script.sha, len(keys), *keys, *args, *self.tail
                     )
-                count = self._fixed + len(keys) + len(args)
-                body = pack_args((len(keys), *keys, *args))
-                return await hot.send_packed(
-                    b"*%d\r\n%s%s%s" % (count, self._head, body, self._packed_tail)
-                )
+                return await fast(keys, args)
             except rex.NoScriptError:
                 if self.on_noscript is not None:
                     self.on_noscript()
@@ -120,21 +94,6 @@ class BoundScript:
                 )
         except (rex.RedisError, OSError) as exc:
             raise translate(exc, self.what) from None
-
-
-@contextlib.contextmanager
-def redis_errors(what: str) -> Iterator[None]:
-    """Translate whatever redis-py or the socket raises inside into `RedisUnavailable`."""
-    try:
-        yield
-    except (rex.RedisError, OSError) as exc:
-        raise translate(exc, what) from None
-
-
-def translate(exc: rex.RedisError | OSError, what: str) -> RedisUnavailable:
-    if isinstance(exc, rex.ResponseError):
-        return RedisUnavailable("other", f"{what}: {exc}")
-    return RedisUnavailable(error_kind(exc), f"{what}: {type(exc).__name__}: {exc}")
 
 
 SCRIPT_NAMES = ("admit", "create", "credits", "refund", "reserve", "rotate", "status", "update")

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from edge.metric_batch import FLUSH_EVERY, Level, Observations, Tally
+from edge.metrics.batch import FLUSH_EVERY, Level, Observations, Tally
 from edge.settings import Plan
 
 OUTCOMES = (

@@ -8,7 +8,7 @@ caller's command on it (Redis is single-threaded; one connection is not a bottle
 replies to callers in order with hiredis's parser, and coalesces the writes of one event-loop
 turn into one `send()` (a command sent while nothing is in flight goes out at once).
 
-It is built from redis-py's own parse of the URL (`connection.parse_redis_url`), so host,
+It is built from redis-py's own parse of the URL (`redis_urls.parse_redis_url`), so host,
 port, socket path, user, password, database, client name and every TLS option mean exactly
 what they mean to redis-py and the CLI.
 
@@ -16,7 +16,7 @@ Failure behaviour is the hot path's contract: no retries ever; each call has one
 `timeout` after it was made, that covers connecting (TCP, TLS, AUTH) and the reply together;
 on a deadline miss the connection is dropped and every caller waiting on it fails at once (they
 would all miss their deadlines anyway), and the next call reconnects. Errors are redis-py's
-exception classes, so callers translate them in one place (`scripts.py`).
+exception classes, so callers translate them in one place (`failures.py`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import hiredis
 from redis import exceptions as rex
 
-from edge.connection import parse_redis_url, tls_context
-from edge.redis_types import Arg
+from edge.redis.types import Arg, PreparedCall
+from edge.redis_urls import parse_redis_url, tls_context
 
 
 def pack(args: tuple[Arg, ...]) -> bytes:
@@ -200,6 +200,20 @@ class PipelinedRedis:
         deadline = asyncio.get_running_loop().time() + self.timeout
         pipe = await self._connection(deadline)
         return await pipe.send(packed, deadline)
+
+    def prepare_evalsha(self, sha: str, tail: Sequence[Arg]) -> PreparedCall:
+        """An EVALSHA of `sha` whose last arguments are always `tail`, packed once: each call
+        packs only its keys and arguments (`scripts.BoundScript` uses it for admission)."""
+        head = pack_args(("EVALSHA", sha))
+        packed_tail = pack_args(tail)
+        fixed = 3 + len(tail)  # EVALSHA, sha, numkeys, and the tail
+
+        def call(keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
+            count = fixed + len(keys) + len(args)
+            body = pack_args((len(keys), *keys, *args))
+            return self.send_packed(b"*%d\r\n%s%s%s" % (count, head, body, packed_tail))
+
+        return call
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)

@@ -26,9 +26,10 @@ uvicorn's own answer to a request it cannot parse (the smuggling probes: Content
 chunked, a bad chunk, an obs-folded header) is text/plain; here it is edge's JSON 400 too.
 
 And what the request path needs, each saving per-request work:
-- each request's scope carries a `ClientLink` through which the protocol reports a lost
-  connection the moment it happens, so the proxy needs no watcher task or timer per request;
-- through the same link the proxy writes its answers itself (`EdgeCycle`), without ASGI
+- each request's scope carries a `ClientLink` (`link.py`) through which the protocol reports a
+  lost connection the moment it happens, so the proxy needs no watcher task or timer per
+  request;
+- through the same link the proxy writes its answers itself (`cycle.EdgeCycle`), without ASGI
   messages and uvicorn's per-header checks: a whole one in one write, a streamed one from the
   upstream connection's callback, piece by piece, with backpressure;
 - keep-alive idleness is enforced by the connection's one timer (the head timer), not by a
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,32 +50,19 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from edge import errors
+from edge.errors import HeadersTooLarge, RequestTimeout
 from edge.settings import ServerSettings
+from edge.transport.cycle import EdgeCycle, Lingering
+from edge.transport.link import CLIENT, ClientLink, ResponseCycle
 
 log = logging.getLogger("edge.http")
 HEAD_END = b"\r\n\r\n"
-REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 INVALID_REQUEST = errors.BadRequest("Invalid HTTP request received.", code="invalid_http_request")
-CLIENT = "edge.client"  # scope key: the request's ClientLink
-
-
-class HeadersTooLarge(errors.EdgeError):
-    status, type, code = 431, "invalid_request_error", "request_header_fields_too_large"
-
-
-class RequestTimeout(errors.EdgeError):
-    status, type, code = 408, "invalid_request_error", "request_timeout"
-    message = "The request headers did not arrive in time."
 
 
 BODY_TIMEOUT = RequestTimeout("The request body stalled: no part of it arrived in time.")
 CHUNK_FRAMING = 32  # bytes of chunk framing (size line, CRLFs) not counted against the limits
-# A lingering close (see ClientLink.end_after_answer): how long, and how much, edge goes on
+# A lingering close (see end_after_answer): how long, and how much, edge goes on
 # reading (and dropping) what a refused client still sends, so that closing does not reset
 # the connection before the client has read its answer.
 LINGER_SECONDS = 2.0
@@ -104,45 +91,6 @@ class Limits:
 def protocol_class(limits: Limits) -> type[EdgeHttpToolsProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits."""
     return type("EdgeHttpToolsProtocol", (EdgeHttpToolsProtocol,), {"limits": limits})
-
-
-class ClientLink:
-    """One request's news of its client: `gone` once the connection is lost before the response
-    completed; `on_gone`, if the handler set it, is called at that moment. `cycle.answer` is
-    the one-write path for a whole response, `cycle.pipe_body` the callback path for a
-    streamed one."""
-
-    __slots__ = ("cycle", "gone", "on_gone", "on_writable", "protocol")
-
-    def __init__(self, cycle: EdgeCycle, protocol: EdgeHttpToolsProtocol) -> None:
-        self.cycle = cycle
-        self.protocol = protocol
-        self.gone = False
-        self.on_gone: Callable[[], None] | None = None
-        self.on_writable: Callable[[], None] | None = None  # the client drained its backlog
-
-    def end_after_answer(self) -> None:
-        """The answer about to be given ends the connection, though the client may still be
-        sending its body: edge reads no more of it (what arrives is dropped unparsed), and
-        after the answer closes gracefully, half-closing first and dropping what still comes
-        for a moment (nginx's lingering close), since closing a socket with unread bytes
-        resets it and the client could lose its answer."""
-        cycle = self.cycle
-        cycle.keep_alive = False
-        cycle.transport = _Lingering(self.protocol)  # type: ignore[assignment]
-        self.protocol.stop_reading_requests()
-
-    def whole_body(self) -> bytes | None:
-        """The request body if all of it has arrived (and was not asked for yet): what the
-        first `receive()` would hand over, without the message and the wait. Else None, and
-        the caller uses `receive()`."""
-        cycle = self.cycle
-        if cycle.more_body or cycle.disconnected or cycle.waiting_for_100_continue:
-            return None
-        body = bytes(cycle.body)
-        cycle.body = bytearray()
-        cycle.flow.resume_reading()  # as receive() does: a large body may have paused it
-        return body
 
 
 class EdgeHttpToolsProtocol(HttpToolsProtocol):
@@ -330,8 +278,15 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self._refuse(INVALID_REQUEST)
 
-    def stop_reading_requests(self) -> None:
-        """Parse nothing more on this connection; what arrives is dropped (up to LINGER_BYTES)."""
+    def end_after_answer(self, cycle: ResponseCycle) -> None:
+        """The answer about to be given to `cycle` ends the connection, though the client may
+        still be sending its body: edge reads no more of it (what arrives is dropped unparsed,
+        up to LINGER_BYTES), and after the answer closes gracefully, half-closing first and
+        dropping what still comes for a moment (nginx's lingering close), since closing a
+        socket with unread bytes resets it and the client could lose its answer."""
+        edge_cycle = cast(EdgeCycle, cycle)
+        edge_cycle.keep_alive = False
+        edge_cycle.transport = Lingering(self.transport, self.close_lingering)  # type: ignore[assignment]
         self._dropping = True
 
     def close_lingering(self) -> None:
@@ -435,7 +390,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         body = err.body()
-        content = [b"HTTP/1.1 %d %s\r\n" % (err.status, REASONS.get(err.status, b"Error"))]
+        content = [STATUS_LINE[err.status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend(
@@ -449,143 +404,3 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(content))
         self.transport.close()
-
-
-class _Lingering:
-    """A cycle's transport once its answer must end the connection while the client may still
-    be sending (`ClientLink.end_after_answer`): writes pass through, closing lingers."""
-
-    def __init__(self, protocol: EdgeHttpToolsProtocol) -> None:
-        self.protocol = protocol
-        self.transport = protocol.transport
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-    def close(self) -> None:
-        self.protocol.close_lingering()
-
-
-class EdgeCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, plus the proxy's own write paths: `answer()` (a whole
-    response in one write), `start_stream()` and `pipe_body()` (a streamed one, written from
-    the upstream connection's callback).
-
-    They frame exactly as uvicorn's `send` does (tests/test_framing_e2e.py holds them to it),
-    for the proxy's answers only: their header names are lower-case and every name and value
-    was either parsed by httptools from the upstream's answer (the parser refuses control
-    characters in both) or written by edge, so uvicorn's per-header checks are not run again.
-    """
-
-    held: bytes | None = None  # a started stream's head, waiting to leave with its first piece
-
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], int]:
-        """The status line and header lines (without the blank line), and the Content-Length
-        given (-1: none, -2: unreadable)."""
-        length = -1
-        for name, value in headers:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = -2
-                break
-        parts = [STATUS_LINE[status]]
-        for name, value in self.default_headers:
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        return parts, length
-
-    def _writable_now(self) -> bool:
-        return not (
-            self.response_started or self.disconnected or self.flow.write_paused or self.access_log
-        )
-
-    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-        """Write a complete response (head and whole body) in one write and complete the
-        cycle. False, having written nothing, wherever uvicorn's own path must run instead
-        (the caller then sends ASGI messages)."""
-        if self.scope["method"] != "HEAD" and status not in (204, 304):
-            if not self.start_stream(status, headers, hold=True):
-                return False
-            self.pipe_body(body, more=False)  # the held head and the whole body, one write
-            return True
-        if body or not self._writable_now():  # bodyless answers: the head alone
-            return False
-        parts, length = self._head(status, headers)
-        if length == -2:
-            return False
-        parts.append(b"\r\n")
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        self.transport.write(b"".join(parts))
-        self._complete()
-        return True
-
-    def start_stream(self, status: int, headers: list[tuple[bytes, bytes]], hold: bool) -> bool:
-        """Start a response whose body follows through `pipe_body`. With `hold` (a first
-        piece is already in), the head waits to leave in one write with it. False, having
-        written nothing, where uvicorn's `send` must start it instead."""
-        if not self._writable_now():
-            return False
-        if self.scope["method"] == "HEAD" or status in (204, 304):
-            return False  # bodyless: rare here (answer() takes those that are whole)
-        parts, length = self._head(status, headers)
-        if length == -2:
-            return False
-        if length >= 0:
-            self.chunked_encoding = False
-            self.expected_content_length = length
-            parts.append(b"\r\n")
-        else:
-            self.chunked_encoding = True
-            parts.append(b"transfer-encoding: chunked\r\n\r\n")
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        if hold:
-            self.held = b"".join(parts)
-        else:
-            self.transport.write(b"".join(parts))
-        return True
-
-    def pipe_body(self, body: bytes, more: bool) -> bool:
-        """One piece of a streamed body, written at once: the body branch of uvicorn's `send`
-        (chunk framing or Content-Length accounting, completion), without a task, a message
-        or an await, so the upstream's callback can call it for each piece it reads. The
-        response must have been started (`start_stream`, or uvicorn's `send`). Returns
-        whether the client can take more now (False: its transport's buffer is over the
-        high-water mark)."""
-        if self.disconnected or self.response_complete:
-            return True  # nobody to write to: the request is being cancelled
-        out = self.held or b""
-        self.held = None
-        if self.chunked_encoding:
-            if body:
-                out += b"%x\r\n%s\r\n" % (len(body), body)
-            if not more:
-                out += b"0\r\n\r\n"
-        elif self.scope["method"] != "HEAD":
-            self.expected_content_length -= len(body)
-            if self.expected_content_length < 0 or (not more and self.expected_content_length):
-                self.transport.close()  # the body does not match its length: cut it
-                return True
-            out += body
-        if out:
-            self.transport.write(out)
-        if not more:
-            self._complete()
-        return not self.flow.write_paused
-
-    def _complete(self) -> None:
-        """The response is whole: as uvicorn's `send` ends one."""
-        self.response_complete = True
-        self.message_event.set()
-        if not self.keep_alive:
-            self.transport.close()
-        self.on_response()

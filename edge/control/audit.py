@@ -15,13 +15,13 @@ from typing import Any
 
 import orjson
 
-from edge.records import text_fields
-from edge.redis_types import StoreClient
-from edge.scripts import redis_errors
+from edge.control.records import text_fields
+from edge.redis.failures import redis_errors
+from edge.redis.types import StoreClient
 
 AUDIT_KEY = "edge:audit"
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-log = logging.getLogger("edge.audit")
+log = logging.getLogger("edge.control.audit")
 
 
 class Audit:

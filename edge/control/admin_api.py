@@ -14,7 +14,7 @@ the record; every answer, errors included, is JSON in OpenAI's error shape.
     POST   /admin/keys/{id}/credits    {delta}: atomic, never below 0
     GET    /admin/plans                the plan table
     GET    /admin/audit                ?cursor=&limit= → {data, next_cursor}, newest first
-    GET    /admin/                     the dashboard (static files from edge/admin_ui)
+    GET    /admin/                     the dashboard (static files from edge/control/admin_ui)
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
-from edge.key_specs import (
+from edge.control.records import KeyRecord
+from edge.control.specs import (
     AuditQuery,
     CreditChange,
     KeyUpdate,
@@ -43,36 +44,14 @@ from edge.key_specs import (
     Rotation,
     explain,
 )
-from edge.records import KeyRecord
-from edge.scripts import RedisUnavailable
+from edge.control.store import Conflict, KeyNotFound, KeyStore, StoreError
+from edge.errors import RedisUnavailable
 from edge.settings import Settings
-from edge.store import Conflict, KeyNotFound, KeyStore, StoreError
 
-log = logging.getLogger("edge.admin")
+log = logging.getLogger("edge.control.admin_api")
 Spec = TypeVar("Spec", bound=BaseModel)
 Handler = Callable[[Request, KeyStore], Awaitable[Response]]
 MAX_BODY = 64 * 1024
-
-
-class AdminTokenInvalid(errors.EdgeError):
-    status, type, code = 401, "invalid_request_error", "invalid_admin_token"
-    message = "Incorrect admin token provided. Send it as 'Authorization: Bearer <admin.token>'."
-
-
-class Unprocessable(errors.EdgeError):
-    status, type, code = 422, "invalid_request_error", "invalid_value"
-
-
-class Conflicting(errors.EdgeError):
-    status, type, code = 409, "invalid_request_error", "conflict"
-
-
-class Invalid(StoreError):
-    """A request body or query that failed validation; `param` names the field."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def json(value: Any, status: int = 200) -> Response:
@@ -105,7 +84,7 @@ class AdminApi:
                 Route("/audit", self._wrap(audit), methods=["GET"]),
                 # the dashboard: static, public; everything it shows comes from the API above
                 Route("/", dashboard, methods=["GET", "HEAD"]),
-                Mount("/ui", app=StaticFiles(packages=[("edge", "admin_ui")])),
+                Mount("/ui", app=StaticFiles(packages=[("edge.control", "admin_ui")])),
             ]
         )
         self.app = SecurityHeaders(self.router)
@@ -115,21 +94,19 @@ class AdminApi:
 
         async def endpoint(request: Request) -> Response:
             if not self._authorized(request):
-                return errors.error_response(AdminTokenInvalid())
+                return errors.error_response(errors.AdminTokenInvalid())
             try:
                 return await handler(request, self.store)
-            except errors.EdgeError as exc:  # Redis unavailable, too large
+            except errors.EdgeError as exc:  # Redis unavailable, too large, invalid input
                 if isinstance(exc, RedisUnavailable):
                     log.warning("admin API: Redis unavailable (%s): %s", exc.kind, exc.detail)
                 return errors.error_response(exc)
-            except Invalid as exc:
-                return errors.error_response(Unprocessable(str(exc), param=exc.param))
             except KeyNotFound as exc:
                 return errors.error_response(errors.NotFound(str(exc)))
             except Conflict as exc:
-                return errors.error_response(Conflicting(str(exc)))
+                return errors.error_response(errors.Conflicting(str(exc)))
             except StoreError as exc:
-                return errors.error_response(Unprocessable(str(exc)))
+                return errors.error_response(errors.Unprocessable(str(exc)))
 
         return endpoint
 
@@ -174,7 +151,7 @@ class SecurityHeaders:
 
 
 async def dashboard(request: Request) -> Response:
-    page = resources.files("edge").joinpath("admin_ui", "index.html").read_bytes()
+    page = resources.files("edge.control").joinpath("admin_ui", "index.html").read_bytes()
     return Response(page, media_type="text/html; charset=utf-8")
 
 
@@ -194,7 +171,7 @@ async def body(request: Request, model: type[Spec], store: KeyStore) -> Spec:
         return model.model_validate_json(raw or b"{}", strict=True, context=store.plans)
     except ValidationError as exc:
         message, param = explain(exc)
-        raise Invalid(message, param) from None
+        raise errors.Unprocessable(message, param=param) from None
 
 
 async def create(request: Request, store: KeyStore) -> Response:
@@ -207,7 +184,8 @@ def query_of(request: Request, model: type[Spec]) -> Spec:
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
-        raise Invalid(*explain(exc)) from None
+        message, param = explain(exc)
+        raise errors.Unprocessable(message, param=param) from None
 
 
 async def listing(request: Request, store: KeyStore) -> Response:
@@ -215,7 +193,7 @@ async def listing(request: Request, store: KeyStore) -> Response:
     try:
         page = await store.list_page(query.owner, query.status, query.cursor, query.limit)
     except ValueError as exc:
-        raise Invalid(f"cursor: {exc}", "cursor") from None
+        raise errors.Unprocessable(f"cursor: {exc}", param="cursor") from None
     data = [r.to_dict() for r in page.records]
     return json({"object": "list", "data": data, "next_cursor": page.next_cursor})
 
@@ -258,7 +236,7 @@ async def audit(request: Request, store: KeyStore) -> Response:
     try:
         entries, cursor = await store.audit.page(query.cursor, query.limit)
     except ValueError as exc:
-        raise Invalid(f"cursor: {exc}", "cursor") from None
+        raise errors.Unprocessable(f"cursor: {exc}", param="cursor") from None
     return json({"object": "list", "data": entries, "next_cursor": cursor})
 
 

@@ -1,26 +1,15 @@
-"""The Redis clients, chosen by URL scheme.
+"""Redis URLs: which ones edge accepts, and what they say. Checked at start-up, without I/O.
 
-- empty URL: an embedded, in-process fakeredis server with Lua, for trying edge out;
-- `redis://`, `rediss://`, `unix://`: one Redis server;
-- `redis+cluster://[user:pass@]h1:p1[,h2:p2…]`: a Redis Cluster, given its seed nodes.
-
-Two clients per app: redis-py for everything off the hot path (admin, listing, the CLI), and
-for the one admission command per request edge's pipelined client on a single server
-(`hot_redis.py`; redis-py itself on a cluster or the embedded server). Both are built from the
-same parsed URL, TLS options included. Every command has an explicit deadline and redis-py's
-automatic retries are off: a retried admission script could charge a key twice (DESIGN §5).
+One parse for both of edge's Redis clients, so they agree on every option: redis-py's own
+(`parse_redis_url`) for `redis://`, `rediss://` and `unix://`, and `parse_cluster_url` for a
+cluster's seed nodes. redis-py is imported only when a URL is checked or parsed.
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
-
-from edge.settings import RedisSettings
-
-if TYPE_CHECKING:
-    from edge.redis_types import ScriptClient
 
 CLUSTER_SCHEME = "redis+cluster://"
 
@@ -98,48 +87,6 @@ def _reason(exc: BaseException) -> str:
     return text if "@" not in text and "//" not in text else type(exc).__name__
 
 
-def _no_retry() -> Any:
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return Retry(NoBackoff(), 0)
-
-
-def connect(settings: RedisSettings) -> Any:
-    """A new async redis-py client for `settings.url`; no I/O happens until its first command."""
-    if not settings.url:
-        return embedded()
-    common: dict[str, Any] = {
-        "socket_timeout": settings.timeout,
-        "socket_connect_timeout": settings.timeout,
-        "retry": _no_retry(),
-        "driver_info": None,
-        "max_connections": settings.max_connections,
-    }
-    if settings.url.startswith(CLUSTER_SCHEME):
-        return _cluster(settings.url, common)
-    from redis.asyncio import Redis
-
-    return Redis.from_url(settings.url, **common)
-
-
-def hot_path(settings: RedisSettings, client: Any) -> ScriptClient:
-    """The client for the one admission command per request: edge's pipelined client for a
-    single server (see `hot_redis.py` for why), else `client` itself (cluster, embedded)."""
-    if settings.url.startswith(("redis://", "rediss://", "unix://")):
-        from edge.hot_redis import PipelinedRedis
-
-        return PipelinedRedis(settings.url, settings.timeout)
-    return client  # type: ignore[no-any-return]
-
-
-def embedded() -> Any:
-    """An in-process fakeredis server with Lua: one instance, nothing persisted."""
-    import fakeredis
-
-    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), driver_info=None)
-
-
 def parse_cluster_url(url: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
     """Username, password and seed nodes of `redis+cluster://[user:pass@]h1:p1[,h2:p2…]`;
     ValueError when a node is malformed."""
@@ -157,16 +104,3 @@ def parse_cluster_url(url: str) -> tuple[str | None, str | None, list[tuple[str,
             raise ValueError(f"bad cluster node {part!r}: give host:port")
         nodes.append((parsed.hostname, port or 6379))
     return user or None, password or None, nodes
-
-
-def _cluster(url: str, common: dict[str, Any]) -> Any:
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-    user, password, nodes = parse_cluster_url(url)
-    common.pop("max_connections")
-    return RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-        username=user,
-        password=password,
-        **common,
-    )

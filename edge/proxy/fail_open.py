@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edge.keys import ParsedKey
-from edge.limiter import UNLIMITED, Code, Decision
+from edge.proxy.admission import UNLIMITED, Code, Decision
 
 VALID = (Code.ADMITTED, Code.MINUTE_EMPTY, Code.DAY_EMPTY)  # the key itself checked out
 GONE = (Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)

@@ -1,5 +1,5 @@
 """What may cross edge, in each direction: the request target, request headers and response
-headers. Pure functions over bytes, no I/O; `proxy.py` applies them.
+headers. Pure functions over bytes, no I/O; `handler.py` applies them.
 
 One representation of the target: the raw path as the client sent it. It must itself start
 with `/v1/` (the router checks that), and the upstream URL is that same raw path, minus `/v1`,

@@ -16,9 +16,9 @@ from typing import IO, Any
 
 from edge import errors
 from edge.errors import Headers
-from edge.http_protocol import CLIENT, ClientLink
-from edge.limiter import Decision, rate_limit_headers
-from edge.metrics import NO_PLAN
+from edge.metrics.registry import NO_PLAN
+from edge.proxy.admission import Decision, rate_limit_headers
+from edge.transport.link import CLIENT, ClientLink
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

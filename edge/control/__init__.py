@@ -1,0 +1,1 @@
+"""The control plane: keys in Redis, the admin API and the dashboard."""

@@ -1,0 +1,1 @@
+"""Metrics: the Prometheus families edge exports, and their batched updates."""

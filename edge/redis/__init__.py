@@ -1,0 +1,1 @@
+"""Redis: the clients, the request path's own client, the Lua scripts."""

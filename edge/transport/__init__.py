@@ -1,0 +1,1 @@
+"""The HTTP transport: edge's server protocol and its upstream client."""

@@ -1,0 +1,219 @@
+"""The pool of keep-alive connections to the one upstream origin: at most `limit` open (or
+opening) at a time, the warmest reused first, a request waiting at most `connect_timeout` for a
+connection, the one idempotent retry on a reused connection found closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from urllib.parse import urlsplit
+
+from edge.transport.upstream.connection import BodyData, Connection
+from edge.transport.upstream.errors import ConnectFailed, ConnectTimeout, Disconnected, PoolFull
+from edge.transport.upstream.response import Response
+
+KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+class Origin:
+    """Where the pool connects, and the Host header and path prefix of every request."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        default = parts.port is None or parts.port == (443 if self.https else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if default else f"{host}:{self.port}").encode("ascii")
+        self.base_path = parts.path.rstrip("/").encode("ascii")
+
+
+class UpstreamPool:
+    """Keep-alive connections to one origin, at most `limit` open (or opening) at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        max_head_bytes: int = 64 * 1024,
+        max_head_fields: int = 100,
+    ) -> None:
+        self.origin = Origin(url)
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_head_bytes = max_head_bytes  # an answer's head beyond these: BadResponse
+        self.max_head_fields = max_head_fields
+        if self.origin.https and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        self.ssl = ssl_context
+        self._idle: list[Connection] = []  # a stack: the warmest connection is reused first
+        self._open = 0  # connections open or being opened
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def head(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+    ) -> bytes:
+        """The request head: request line, Host, the given headers, the body's length."""
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nHost: "]
+        parts.append(self.origin.host_header)
+        parts.append(b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def request(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: BodyData,
+        length: int | None,
+    ) -> Response:  # fmt: skip
+        """Send one request (`target`: the path and query, relative to the origin) and return
+        the answer once its status and headers are in."""
+        head = self.head(method, target, headers, length)
+        is_head = method == "HEAD"
+        for attempt in (1, 2):
+            conn = await self._acquire()
+            try:
+                return await conn.exchange(head, body, is_head, self.read_timeout)
+            except Disconnected:
+                # A reused connection the upstream had closed before reading a byte of this
+                # request: send an idempotent one again, once, on another connection.
+                retry = conn.reused and not conn.got_bytes and method in IDEMPOTENT
+                if attempt == 2 or not retry or not (body is None or isinstance(body, bytes)):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectFailed("the upstream pool is closed"))
+        await asyncio.sleep(0)  # let the transports close
+
+    async def _acquire(self) -> Connection:
+        idle = self._idle
+        if idle:
+            expired = self.loop.time() - KEEPALIVE
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and conn.idle_since > expired:
+                    return conn
+                conn.close()
+        if self._closed:
+            raise ConnectFailed("the upstream pool is closed")
+        if self._open >= self.limit:
+            handed = await self._wait_for_slot()
+            if handed is not None:
+                return handed
+        else:
+            self._open += 1
+        try:
+            return await self._connect()
+        except BaseException:
+            self._open -= 1
+            self._hand_on(None)
+            raise
+
+    async def _wait_for_slot(self) -> Connection | None:
+        """Wait for a released connection (returned) or a freed slot (None, counted as ours)."""
+        waiter: asyncio.Future[Connection | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await waiter
+        except TimeoutError:
+            raise PoolFull(
+                f"no upstream connection free within {self.connect_timeout:g} s "
+                f"(upstream.max_connections = {self.limit})"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()  # it arrived as we gave up: pass it on
+                if handed is None:
+                    self._open -= 1
+                    self._hand_on(None)
+                else:
+                    self.release(handed)
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    async def _connect(self) -> Connection:
+        origin = self.origin
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: Connection(self),
+                    origin.host,
+                    origin.port,
+                    ssl=self.ssl,
+                    server_hostname=origin.host if self.ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"could not connect to the upstream within {self.connect_timeout:g} s"
+            ) from None
+        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise ConnectFailed(f"could not connect to the upstream: {exc}") from None
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        """A connection whose answer is whole: to a waiting request, or to the idle stack."""
+        if self._closed:
+            conn.close()
+            return
+        if self._hand_on(conn):
+            return
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(KEEPALIVE, self._sweep_idle)
+
+    def _hand_on(self, conn: Connection | None) -> bool:
+        """Give a connection (or, None, a free slot) to the longest waiter, if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                if conn is None:
+                    self._open += 1
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed: its slot is free."""
+        self._open -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+        if not self._closed:
+            self._hand_on(None)
+
+    def _sweep_idle(self) -> None:
+        """Close connections idle longer than KEEPALIVE (the upstream may drop them anyway)."""
+        self._sweep = None
+        expired = self.loop.time() - KEEPALIVE
+        for conn in [c for c in self._idle if c.idle_since <= expired]:
+            conn.close()  # connection_lost removes it from the stack
+        if self._idle and not self._closed:
+            self._sweep = self.loop.call_later(KEEPALIVE / 2, self._sweep_idle)
