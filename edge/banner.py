@@ -1,26 +1,20 @@
-"""The start-up banner: how to call this instance, and in embedded mode a demo key.
-
-In embedded mode (no EDGE_REDIS_URL) nothing outside this process can create keys, so with the
-demo upstream a demo key is created at start-up and printed once with a ready-to-paste curl
-line. With a real upstream that happens only when asked (`--demo-key`): a key printed to a
-console or a log collector would spend the operator's provider account.
-"""
+"""The start-up banner: how to call this instance, and the demo key if there is one
+(`runtime.create_demo_key`), printed once with a ready-to-paste curl line. Printing creates
+nothing."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from edge.control.specs import NewKey
 from edge.runtime import Runtime
 
 log = logging.getLogger("edge")
 DEMO_BODY = '{"model": "edge-demo", "messages": [{"role": "user", "content": "Hello"}]}'
 
 
-async def announce(rt: Runtime, demo_key: bool = False) -> None:
-    """Say how to call this instance; in embedded mode, create and show a demo key when the
-    demo upstream is in use or `demo_key` asks for one."""
+def announce(rt: Runtime) -> None:
+    """Say how to call this instance (and warn about the embedded Redis)."""
     s = rt.settings
     base = f"http://{_display_host(s.server.host)}:{s.server.port}"
     admin = f"http://{_display_host(s.admin.host)}:{s.admin.port}" if s.admin.port else base
@@ -29,12 +23,7 @@ async def announce(rt: Runtime, demo_key: bool = False) -> None:
             "EMBEDDED REDIS: in-process and not persistent; one instance only. "
             "Set EDGE_REDIS_URL=redis://… to share limits between instances and keep keys."
         )
-        if s.demo_upstream or demo_key:
-            plan = next(iter(s.plans))
-            spec = NewKey(plan=plan, name="demo")
-            key, _ = await rt.store.create(spec, actor="demo")
-            rt.demo_key = key
-        else:
+        if rt.demo_key is None:
             log.warning(
                 "No demo key was created: with a real upstream a printed key would spend your "
                 "provider account. Run 'edge serve --demo-key' to create one and print it, or "

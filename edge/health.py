@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edge.errors import ServiceUnavailable, error_response
-from edge.redis.failures import error_kind
+from edge.redis.failures import FAILURES, error_kind
 from edge.runtime import Runtime
 
 JSON = "application/json"
@@ -33,7 +33,7 @@ async def readyz(request: Request) -> Response:
     try:
         async with asyncio.timeout(rt.settings.redis.timeout):
             await rt.hot.ping()
-    except Exception as exc:
+    except FAILURES as exc:
         rt.metrics.redis_error[error_kind(exc)].inc()
         return error_response(ServiceUnavailable("not ready: Redis is unreachable", code="redis"))
     return Response(b'{"status":"ready"}', media_type=JSON)

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from edge.control.specs import NewKey
 from edge.control.store import KeyStore
-from edge.demo import start_demo_upstream
 from edge.keys import KeyFormat
 from edge.metrics.registry import Metrics
 from edge.proxy.admission import Limiter
 from edge.redis import clients as connection
+from edge.redis.failures import FAILURES
 from edge.redis.scripts import Scripts
 from edge.redis.types import ScriptClient
 from edge.settings import Settings
@@ -51,11 +52,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         scripts = Scripts()
         try:
             await scripts.load(redis)
-        except Exception as exc:  # Redis may come later; EVAL loads scripts on first use then
+        except FAILURES as exc:  # Redis may come later; EVAL loads scripts on first use then
             log.warning("could not load Lua scripts into Redis yet (%s); will retry on use", exc)
 
         upstream_base = settings.upstream.url
         if settings.demo_upstream:
+            from edge.demo import start_demo_upstream  # aiohttp: loaded only when it runs
+
             upstream_base = await stack.enter_async_context(start_demo_upstream())
         up = settings.upstream
         upstream = UpstreamPool(
@@ -82,3 +85,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             key_format=KeyFormat(settings.keys.prefix),
             store=KeyStore(redis, scripts, settings),
         )
+
+
+async def create_demo_key(rt: Runtime, asked: bool) -> None:
+    """In embedded mode (nothing outside this process can create keys), a demo key for the
+    banner to show: always with the demo upstream, with a real one only when `asked`
+    (`--demo-key`): a key printed to a console or a log collector would spend the operator's
+    provider account."""
+    s = rt.settings
+    if s.embedded_redis and (s.demo_upstream or asked):
+        spec = NewKey(plan=next(iter(s.plans)), name="demo")
+        rt.demo_key, _ = await rt.store.create(spec, actor="demo")

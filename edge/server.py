@@ -11,7 +11,6 @@ rest of the delay; SIGINT (Ctrl+C) stops without one.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 import socket
@@ -22,6 +21,7 @@ import uvicorn
 
 from edge.app import Edge, create_app
 from edge.banner import announce
+from edge.runtime import Runtime, create_demo_key
 from edge.settings import Settings
 from edge.transport.protocol import Limits, protocol_class
 
@@ -120,8 +120,12 @@ def run_server(
     settings: Settings, sockets: list[socket.socket], banner: bool = True, demo_key: bool = False
 ) -> int:
     """Serve on `sockets` until stopped; 0 after a clean stop."""
-    on_ready = functools.partial(announce, demo_key=demo_key) if banner else None
-    app = create_app(settings, on_ready=on_ready)
+
+    async def on_ready(rt: Runtime) -> None:
+        await create_demo_key(rt, asked=demo_key)
+        announce(rt)
+
+    app = create_app(settings, on_ready=on_ready if banner else None)
     server = EdgeServer(uvicorn_config(app, settings), app, settings.server.drain_delay)
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -28,6 +28,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -139,9 +140,9 @@ class Supervisor:
         for worker in self.workers:
             if worker.is_alive() and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
-        deadline = s.drain_delay + s.drain_timeout + 10
+        deadline = time.monotonic() + s.drain_delay + s.drain_timeout + 10  # one, for all
         for worker in self.workers:
-            worker.join(deadline)
+            worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 log.error("worker %s did not stop in time; killing it", worker.pid)
                 worker.kill()

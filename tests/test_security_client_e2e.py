@@ -48,6 +48,7 @@ from tests.support.raw_http import (
     parse_response,
     raw_get,
     request_head,
+    split_responses,
 )
 from tests.support.redis_server import RedisServer
 
@@ -141,17 +142,6 @@ def closed_by_peer(sock: socket.socket, limit: float) -> bool:
         except OSError:  # reset
             return True
     return False
-
-
-def split_responses(data: bytes) -> list[RawResponse]:
-    """Consecutive responses with Content-Length bodies, as they came on one connection."""
-    answers: list[RawResponse] = []
-    while b"\r\n\r\n" in data and len(answers) < 10:
-        answer = parse_response(data)
-        head_len = data.index(b"\r\n\r\n") + 4
-        data = data[head_len + len(answer.body) :]
-        answers.append(answer)
-    return answers
 
 
 def normalised(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

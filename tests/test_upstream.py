@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from edge.transport.upstream.connection import Connection
-from edge.transport.upstream.errors import BadResponse, PoolFull
+from edge.transport.upstream.errors import BadResponse, ConnectFailed, Disconnected, PoolFull
 from edge.transport.upstream.pool import UpstreamPool
-from edge.transport.upstream.response import Response
+from edge.transport.upstream.response import HIGH_WATER, Response
 
 HEAD = b"POST /v1/x HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -220,4 +220,138 @@ async def test_a_full_pool_is_its_own_error_and_hands_the_slot_on() -> None:
     resp = await busy
     assert await resp.read() == b"ok"
     assert await asyncio.wait_for(waiting, 1) is conn  # handed over, not reopened
+    await pool.close()
+
+
+class FakePool(UpstreamPool):
+    """A pool whose connections are fake transports: `opened` lists them; `refuse` makes the
+    next connects fail as a refused connection would."""
+
+    def __init__(self, limit: int = 2, connect_timeout: float = 0.2, read_timeout: float = 5.0):
+        super().__init__("http://up.test/v1", limit, connect_timeout, read_timeout)
+        self.opened: list[tuple[Connection, FakeTransport]] = []
+        self.refuse = 0
+
+    async def _connect(self) -> Connection:
+        await asyncio.sleep(0)
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectFailed("refused")
+        conn = Connection(self)
+        transport = FakeTransport(conn)
+        conn.connection_made(transport)
+        self.opened.append((conn, transport))
+        return conn
+
+
+GET = b"GET /v1/models HTTP/1.1\r\nHost: up.test\r\n\r\n"
+
+
+async def answer_on(pool: FakePool, index: int, data: bytes = OK) -> None:
+    """Wait for connection `index` to be written to, then answer on it."""
+    for _ in range(100):
+        if len(pool.opened) > index and pool.opened[index][1].written:
+            pool.opened[index][0].data_received(data)
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"no request on connection {index}")
+
+
+async def test_failed_connects_give_their_slots_back() -> None:
+    pool = FakePool(limit=1)
+    pool.refuse = 3
+    for _ in range(3):
+        with pytest.raises(ConnectFailed) as caught:
+            await pool.request("GET", b"/v1/models", [], None, None)
+        assert caught.value.never_sent
+    assert pool._open == 0
+    task = asyncio.ensure_future(pool.request("GET", b"/v1/models", [], None, None))
+    await answer_on(pool, 0)
+    assert (await task).status == 200 and pool._open == 1
+    await pool.close()
+
+
+async def test_a_waiter_that_times_out_as_a_connection_arrives_passes_it_on() -> None:
+    """The slot or connection handed to a waiter that is giving up is not lost: the next
+    waiter gets it, and the open count stays right."""
+    pool = FakePool(limit=1, connect_timeout=0.05)
+    first = asyncio.ensure_future(pool.request("GET", b"/a", [], None, None))
+    await answer_on(pool, 0, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")  # body pending
+    resp = await first
+    late = asyncio.ensure_future(pool._acquire())
+    await asyncio.sleep(0.01)
+    nxt = asyncio.ensure_future(pool._acquire())
+    await asyncio.sleep(0.01)
+    pool.opened[0][0].data_received(b"ok")  # the connection is handed to `late`, and ...
+    late.cancel()  # ... `late` gives up before it could run: it must pass it on
+    assert await resp.read() == b"ok"
+    conn = await asyncio.wait_for(nxt, 1)
+    assert conn is pool.opened[0][0] and pool._open == 1
+    pool.release(conn)
+    await pool.close()
+
+
+async def test_an_idempotent_request_is_retried_once_on_a_closed_keepalive_connection() -> None:
+    pool = FakePool(limit=2)
+    first = asyncio.ensure_future(pool.request("GET", b"/a", [], None, None))
+    await answer_on(pool, 0)
+    assert await (await first).read() == b"ok"
+    stale, _ = pool.opened[0]
+    retried = asyncio.ensure_future(pool.request("GET", b"/b", [], None, None))
+    await asyncio.sleep(0)
+    stale.connection_lost(None)  # the upstream had closed it: no byte of an answer came
+    await answer_on(pool, 1)
+    assert (await retried).status == 200
+    assert [t.written.count(b"GET") for _, t in pool.opened] == [2, 1]
+    await pool.close()
+
+
+async def test_a_post_is_never_sent_twice() -> None:
+    pool = FakePool(limit=2)
+    first = asyncio.ensure_future(pool.request("GET", b"/a", [], None, None))
+    await answer_on(pool, 0)
+    await (await first).read()
+    post = asyncio.ensure_future(pool.request("POST", b"/b", [], b"{}", 2))
+    await asyncio.sleep(0)
+    pool.opened[0][0].connection_lost(None)
+    with pytest.raises(Disconnected):
+        await post
+    assert len(pool.opened) == 1
+    await pool.close()
+
+
+async def test_the_read_deadline_is_silence_not_length_and_pausing_does_not_count() -> None:
+    pool, conn, transport = await connected()
+    task = asyncio.ensure_future(conn.exchange(GET, None, False, 0.1))
+    await settle()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    resp = await task
+    for _ in range(4):  # a piece every 60 ms: never 100 ms of silence
+        await asyncio.sleep(0.06)
+        conn.data_received(b"1\r\nx\r\n")
+    resp.pipe(lambda data, more: False)  # a client that takes nothing more: reading pauses
+    conn.data_received(b"1\r\ny\r\n")
+    assert resp.paused and not transport.reading
+    await asyncio.sleep(0.25)  # edge holds it back: the upstream is not silent by its fault
+    assert not resp.done and not transport.closed
+    resp.resume()
+    assert transport.reading
+    await asyncio.sleep(0.25)  # now it is silent: cut
+    assert transport.closed
+    await pool.close()
+
+
+async def test_reading_pauses_at_high_water_and_resumes_when_read() -> None:
+    pool, conn, transport = await connected()
+    task = asyncio.ensure_future(conn.exchange(GET, None, False, 5.0))
+    await settle()
+    size = HIGH_WATER + 10
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 5))
+    resp = await task
+    conn.data_received(b"a" * size)
+    assert resp.paused and not transport.reading
+    assert len(await resp.read()) == size
+    assert not resp.paused and transport.reading
+    conn.data_received(b"bbbbb")
+    assert await resp.read() == b"bbbbb" and resp.done
     await pool.close()

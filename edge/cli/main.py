@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from edge.cli import output as out
 from edge.cli.parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
-from edge.control.specs import KeyUpdate, NewKey, Rotation, explain
+from edge.control.records import plan_rows
+from edge.control.specs import AuditQuery, KeyUpdate, NewKey, Rotation, explain
 from edge.control.store import KeyStore, StoreError
 from edge.errors import RedisUnavailable
 from edge.redis import clients as connection
@@ -62,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _plans(settings: Settings, as_json: bool) -> int:
-    rows = [{"plan": n, "rpm": p.rpm, "rpd": p.rpd} for n, p in settings.plans.items()]
+    rows = plan_rows(settings)
     if as_json:
         out.print_json(rows)
     else:
@@ -99,11 +100,13 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
         await client.aclose()
 
 
-def _spec(model: type[Spec], store: KeyStore, fields: dict[str, Any]) -> Spec:
+def _spec(model: type[Spec], store: KeyStore, fields: dict[str, Any], flag: str = "") -> Spec:
+    """`fields` as `model`, validated as the admin API validates them; `flag` ("--") names
+    the field as the flag it came from."""
     try:
         return model.model_validate(fields, context=store.plans)
     except ValidationError as exc:
-        raise BadValue(explain(exc)[0]) from None
+        raise BadValue(flag + explain(exc)[0]) from None
 
 
 def _scopes(args: argparse.Namespace) -> dict[str, list[str]] | None:
@@ -175,9 +178,8 @@ def _update_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _audit(store: KeyStore, args: argparse.Namespace) -> int:
-    if not 1 <= args.limit <= 1000:
-        raise BadValue("--limit must be from 1 to 1000")
-    entries, _ = await store.audit.page(None, args.limit)
+    query = _spec(AuditQuery, store, {"limit": args.limit}, flag="--")
+    entries, _ = await store.audit.page(None, query.limit)
     if args.json:
         out.print_json(entries)
     else:

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
-from edge.control.records import KeyRecord
+from edge.control.records import KeyRecord, plan_rows
 from edge.control.specs import (
     AuditQuery,
     CreditChange,
@@ -227,8 +227,7 @@ async def credits(request: Request, store: KeyStore) -> Response:
 
 
 async def plans(request: Request, store: KeyStore) -> Response:
-    rows = [{"plan": n, "rpm": p.rpm, "rpd": p.rpd} for n, p in store.settings.plans.items()]
-    return json({"object": "list", "data": rows})
+    return json({"object": "list", "data": plan_rows(store.settings)})
 
 
 async def audit(request: Request, store: KeyStore) -> Response:

@@ -69,30 +69,28 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
         rpm_override=rpm_o,
         rpd_override=rpd_o,
         created=_int(f.get("created")),
-        expires=_expires(f.get("expires")),
+        expires=_or_none_left(f.get("expires")),
         last_used=_int(f.get("last_used")),
         requests=_int(f.get("requests")) or 0,
-        credits=_credits(f.get("credits")),
+        credits=_or_none_left(f.get("credits")),
         scopes=_scopes(f.get("scopes")),
         rotated=_int(f.get("rotated")),
         previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
     )
 
 
-def _expires(value: str | None) -> int | None:
-    """As admit.lua reads it: empty = never; anything but a whole number = already expired (0)."""
+def _or_none_left(value: str | None) -> int | None:
+    """`expires` and `credits` as admit.lua reads them: absent or empty = None (never expires,
+    unlimited); anything but a whole number = 0 (already expired, no credits left)."""
     if not value:
         return None
     parsed = _int(value)
     return 0 if parsed is None else parsed
 
 
-def _credits(value: str | None) -> int | None:
-    """As admit.lua reads it: absent or empty = unlimited; unreadable = none left (0)."""
-    if not value:
-        return None
-    parsed = _int(value)
-    return 0 if parsed is None else parsed
+def plan_rows(settings: Settings) -> list[dict[str, Any]]:
+    """The plan table as the CLI and the admin API show it."""
+    return [{"plan": name, "rpm": p.rpm, "rpd": p.rpd} for name, p in settings.plans.items()]
 
 
 def _scopes(value: str | None) -> dict[str, Any] | None:

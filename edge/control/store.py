@@ -251,16 +251,6 @@ class KeyStore:
                     return str(text)
         return key_index.member(created * 1_000_000, kid)
 
-    async def set_limits(self, kid: str, rpm: int | None, rpd: int | None, actor: str) -> KeyRecord:
-        """Per-key overrides; -1 clears one (back to the plan's value), None leaves it."""
-        fields: dict[str, Any] = {}
-        for name, value in (("rpm", rpm), ("rpd", rpd)):
-            if value is not None:
-                fields[name] = None if value == -1 else value
-        if not fields:
-            raise StoreError("give --rpm and/or --rpd")
-        return await self.update(kid, KeyUpdate.model_validate(fields), actor)
-
     async def set_status(self, kid: str, status: str, actor: str) -> KeyRecord:
         done = await self.scripts.status(self.client, [record_key(check_kid(kid))], [status])
         if done == 0:

@@ -166,19 +166,31 @@ class Exchange:
         self.watch()
 
     async def _spool(self, first: bytes, max_body: int) -> bytes | AsyncIterator[bytes]:
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
+        """The whole chunked body: in memory up to SPOOL_IN_MEMORY, then in a temporary file
+        written from a worker thread (a disk write must not stall every other request)."""
+        memory: list[bytes] = []
+        size = 0
+        file: IO[bytes] | None = None
         try:
             async for chunk in self._upload(first, max_body):
-                spool.write(chunk)
+                size += len(chunk)
+                if file is not None:
+                    await asyncio.to_thread(file.write, chunk)
+                    continue
+                memory.append(chunk)
+                if size > SPOOL_IN_MEMORY:
+                    file = await asyncio.to_thread(tempfile.TemporaryFile)
+                    await asyncio.to_thread(file.writelines, memory)
+                    memory = []
         except BaseException:
-            spool.close()
+            if file is not None:
+                file.close()
             raise
-        self.spooled_length = spool.tell()
-        spool.seek(0)
-        if self.spooled_length <= SPOOL_IN_MEMORY:
-            with spool:
-                return spool.read()
-        return _unspool(spool)
+        self.spooled_length = size
+        if file is None:
+            return b"".join(memory)
+        await asyncio.to_thread(file.seek, 0)
+        return _unspool(file)
 
     def watch(self) -> None:
         """From now on (the body is fully read), a client that leaves cancels this request at
@@ -204,7 +216,8 @@ class Exchange:
 
 
 async def _unspool(spool: IO[bytes]) -> AsyncIterator[bytes]:
-    """A spooled body, read back in pieces; the file goes away however the upload ends."""
+    """A spooled body, read back in pieces (off the event loop); the file goes away however
+    the upload ends."""
     with spool:
-        while piece := spool.read(SPOOL_READ):
+        while piece := await asyncio.to_thread(spool.read, SPOOL_READ):
             yield piece

@@ -11,6 +11,9 @@ from redis import exceptions as rex
 
 from edge.errors import RedisUnavailable
 
+FAILURES = (rex.RedisError, OSError, TimeoutError)
+"""What a Redis call may raise when Redis, not edge, is at fault."""
+
 
 def error_kind(exc: BaseException) -> str:
     if isinstance(exc, rex.TimeoutError | TimeoutError):

@@ -42,6 +42,22 @@ def dechunk(data: bytes) -> bytes:
     return out
 
 
+def chunked_length(data: bytes) -> int:
+    """How many bytes of `data` a chunked body takes, its last chunk included; -1 if the
+    body is not whole yet."""
+    pos = 0
+    while True:
+        line_end = data.find(b"\r\n", pos)
+        if line_end < 0:
+            return -1
+        size = int(data[pos:line_end].split(b";")[0], 16)
+        pos = line_end + 2 + size + 2
+        if pos > len(data):
+            return -1
+        if size == 0:
+            return pos
+
+
 def complete_chunked(raw: bytes) -> bool:
     """Whether a chunked response ended with its final (zero) chunk."""
     return raw.endswith(b"0\r\n\r\n")
@@ -144,3 +160,30 @@ def send_in_pieces(
                 break
             received += chunk
         return received
+
+
+def split_responses(data: bytes, most: int = 10) -> list[RawResponse]:
+    """The responses that came one after another on one connection (pipelined requests'),
+    each framed by its Content-Length or its chunks; a trailing partial one is left out."""
+    answers: list[RawResponse] = []
+    while b"\r\n\r\n" in data and len(answers) < most:
+        head_len = data.index(b"\r\n\r\n") + 4
+        answer = parse_response(data[:head_len])
+        rest = data[head_len:]
+        if "chunked" in ",".join(answer.values("transfer-encoding")).lower():
+            size = chunked_length(rest)
+            if size < 0:
+                break
+            answer = RawResponse(
+                answer.status, answer.headers, dechunk(rest[:size]), data[: head_len + size]
+            )
+        else:
+            size = int(answer.header("content-length") or 0)
+            if len(rest) < size:
+                break
+            answer = RawResponse(
+                answer.status, answer.headers, rest[:size], data[: head_len + size]
+            )
+        answers.append(answer)
+        data = rest[size:]
+    return answers
