@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench fmt clean
+.PHONY: run test check docs bench fmt clean
 
 # constraints.txt pins the versions the suite last passed with, so CI installs what was tested.
 $(STAMP): pyproject.toml constraints.txt
@@ -23,11 +23,18 @@ test: $(STAMP)
 	bash scripts/ensure-packages.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## check: lint, format check, strict typing of the package
+## check: lint, format check, strict typing of the package, the docs build (a broken link or
+##        a page left out of the navigation fails it)
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir "$$site"; \
+	    status=$$?; rm -rf "$$site"; exit $$status
+
+## docs: the reference in docs/ as a site, in site/ (open site/index.html)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 ## bench: edge vs the upstream called directly vs nginx proxy_pass, in one run; writes
 ##        benchmarks/results/<date>-<host>.{json,md,png}. ARGS=--quick for a 30 s pass,
@@ -40,4 +47,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

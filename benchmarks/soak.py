@@ -1,4 +1,4 @@
-"""The long soak (TESTPLAN T30): two edge instances under mixed traffic for minutes, with
+"""The long soak (T30 in docs/testplan.md): two edge instances under mixed traffic for minutes, with
 memory, file descriptors, upstream connections and Redis clients sampled as it goes.
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--every 30] [--rate 40]

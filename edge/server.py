@@ -1,7 +1,7 @@
 """Running edge: uvicorn (uvloop + httptools) with edge's HTTP protocol, its listeners, and the
 SIGTERM drain; `supervisor.py` runs several of these for `--workers` (and `serve()` chooses).
 
-Drain (DESIGN §5): the first SIGTERM makes `/readyz` answer 503 at once while the instance
+Drain (docs/guarantees.md): the first SIGTERM makes `/readyz` answer 503 at once while the instance
 keeps serving for `server.drain_delay` seconds (the load balancer notices and stops sending);
 then the listener closes and in-flight requests, streams included, get `server.drain_timeout`
 seconds to finish before they are cut; then the process exits 0. A second SIGTERM skips the

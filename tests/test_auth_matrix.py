@@ -1,7 +1,7 @@
-"""TESTPLAN T22 `test_malformed_authorization_matrix`: every bad credential gets the same clear
-401 (OpenAI's error shape, code `invalid_api_key`) without any Redis I/O and without reflecting
-what was presented; a lower-case `bearer` scheme is accepted (RFC 9110 §11.1: the auth-scheme is
-case-insensitive); an unknown but well-formed key costs exactly one EVALSHA.
+"""T22 (docs/testplan.md) `test_malformed_authorization_matrix`: every bad credential gets the same
+clear 401 (OpenAI's error shape, code `invalid_api_key`) without any Redis I/O and without
+reflecting what was presented; a lower-case `bearer` scheme is accepted (RFC 9110 §11.1: the
+auth-scheme is case-insensitive); an unknown but well-formed key costs exactly one EVALSHA.
 
 Requests go over raw sockets, so header bytes reach edge exactly as written (tabs, non-ASCII,
 repeated headers) instead of being validated or normalised by an HTTP client library.

@@ -1,10 +1,10 @@
-"""The `edge` command line (DESIGN §3 "Commands"), run as a user runs it: `python -m edge …` in a
+"""The `edge` command line (docs/keys.md), run as a user runs it: `python -m edge …` in a
 subprocess against the session redis-server.
 
 Covers `keys create|list|show|pause|resume|revoke|rotate|set-limits` and `plans`, their `--json`
 output, one-line errors without tracebacks (exit 1: the operation failed, exit 2: usage or
 configuration), and, through the session `edge` process, that each change takes effect on the
-very next request (the end-to-end side of TESTPLAN T29's instant revocation).
+very next request (the end-to-end side of T29's instant revocation, docs/testplan.md).
 """
 
 from __future__ import annotations

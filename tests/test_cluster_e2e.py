@@ -1,5 +1,5 @@
-"""edge on a real 3-master Redis Cluster (the basics of TESTPLAN T13): keys land on several
-masters, every admission touches one slot, limits stay exact, listing spans all masters."""
+"""edge on a real 3-master Redis Cluster (the basics of T13 in docs/testplan.md): keys land on
+several masters, every admission touches one slot, limits stay exact, listing spans all masters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Edge-of-network defenses through a real edge process (TESTPLAN T23; DESIGN §5 "bad input").
+"""Edge-of-network defenses through a real edge process (T23 in docs/testplan.md; bad input in
+docs/guarantees.md).
 
 Oversized or too many headers → 431 JSON before anything reaches Redis or the upstream, with
 memory bounded (edge measures the head as it arrives; httptools alone would buffer a header of

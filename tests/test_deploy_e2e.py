@@ -1,5 +1,5 @@
 """edge as it is deployed: worker processes on one port, an admin listener, the SIGTERM drain
-(TESTPLAN T21) and forwarding headers believed only from trusted proxies.
+(T21 in docs/testplan.md) and forwarding headers believed only from trusted proxies.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Embedded mode (DESIGN §3 `EDGE_REDIS_URL` unset, `EDGE_UPSTREAM_URL` unset): `edge serve` runs
+"""Embedded mode (`EDGE_REDIS_URL` and `EDGE_UPSTREAM_URL` unset): `edge serve` runs
 on an in-process fakeredis with the built-in demo upstream, prints a demo key once, and that key
 works for plain and streaming chat completions.
 
 Also checks that admit.lua decides identically on fakeredis (the embedded mode) and on the real
-redis-server (DESIGN §4: fakeredis only where the embedded mode itself is under test).
+redis-server (fakeredis only where the embedded mode itself is under test).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """Hop-by-hop headers, framing and the key swap, over raw sockets to a real edge process.
 
-TESTPLAN T26 `test_hop_by_hop_framing_and_key_swap` (RFC 9110 §7.6.1 both ways, no credential
-leakage upstream, no framing pass-through), with its two companions: the upstream's own
+T26 (docs/testplan.md) `test_hop_by_hop_framing_and_key_swap` (RFC 9110 §7.6.1 both ways, no
+credential leakage upstream, no framing pass-through), with its two companions: the upstream's own
 `x-ratelimit-*` headers are replaced by edge's, and request-smuggling probes (CL+TE, duplicate
-Content-Length, obs-fold, bare-LF chunk size) are refused before anything reaches the upstream,
-a request pipelined behind them included.
-"""
+Content-Length, obs-fold, bare-LF chunk size) are refused before anything reaches the upstream, a
+request pipelined behind them included."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The package's layout holds: every import points down, and no module imports one that imports
 it, not even inside a function or only for type checking.
 
-edge's rooms, bottom to top (the README's "Where things live" says what each holds):
+edge's rooms, bottom to top (docs/development.md draws them):
 
     foundations   settings, errors, keys, logs, urls, redis_urls: pure, no I/O
     metrics       metrics/        the Prometheus families and their batched updates
@@ -78,7 +78,7 @@ def room(module: str) -> str:
     for name, members in ROOMS.items():
         if first in members:
             return name
-    raise AssertionError(f"{module} is in no room: add it to ROOMS (and the README)")
+    raise AssertionError(f"{module} is in no room: add it to ROOMS (and docs/development.md)")
 
 
 def graph() -> dict[str, set[str]]:

@@ -1,4 +1,4 @@
-"""Limiter correctness through real edge processes on a real Redis (TESTPLAN T01-T03, T05-T07).
+"""Limiter correctness through real edge processes on a real Redis (T01-T07 in docs/testplan.md).
 
 Bucket state is seeded with HSET (tokens, ts in Redis-time ms) instead of sleeping to a
 wall-clock boundary; every test uses fresh keys.

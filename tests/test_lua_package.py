@@ -1,5 +1,5 @@
 """The Lua scripts ship as package data and load from the installed package (STYLE item 2,
-DESIGN §1 "Lua scripts live as `.lua` files in the package, are loaded once, called by SHA").
+Lua scripts live as `.lua` files in the package, are loaded once and called by SHA).
 
 Each script under `edge/redis/lua/` reads through importlib.resources, opens with a `--[[ … ]]`
 block

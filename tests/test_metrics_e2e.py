@@ -1,4 +1,4 @@
-"""/metrics through a real edge process: the DESIGN §3 names, labels and values."""
+"""/metrics through a real edge process: the names, labels and values docs/metrics.md lists."""
 
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """The official OpenAI Python SDK works unchanged against edge.
 
-TESTPLAN has no id for this file; it exercises T18 (streaming relay) and T26 (key swap) through
-a real client. The SDK, pointed at `{edge.url}/v1` with a gw_sk_ key, gets chat completions
-(plain and streamed), the model list and embeddings, sync and async; edge's 429 and 401 surface
-as `openai.RateLimitError` and `openai.AuthenticationError`; the upstream sees the provider key
-and the path the SDK chose.
-"""
+The test plan (docs/testplan.md) has no id for this file; it exercises T18 (streaming relay) and T26
+(key swap) through a real client. The SDK, pointed at `{edge.url}/v1` with a gw_sk_ key, gets chat
+completions (plain and streamed), the model list and embeddings, sync and async; edge's 429 and 401
+surface as `openai.RateLimitError` and `openai.AuthenticationError`; the upstream sees the provider
+key and the path the SDK chose."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Redis failure and recovery (TESTPLAN T08, T11): fail closed fast, recover by itself,
+"""Redis failure and recovery (T08-T12 in docs/testplan.md): fail closed fast, recover by itself,
 survive a flushed script cache without errors or over-admission."""
 
 from __future__ import annotations

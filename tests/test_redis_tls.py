@@ -1,8 +1,7 @@
-"""Edge over `rediss://` (DESIGN §3 `EDGE_REDIS_URL`): a redis-server with TLS only and a
-private CA. The URL's TLS options (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`,
-`ssl_cert_reqs`) must reach every Redis client edge has, the CLI's, the request path's and the
-one `/readyz` asks, so that readiness says what the requests will get.
-"""
+"""Edge over `rediss://` (`EDGE_REDIS_URL`, docs/configuration.md): a redis-server with TLS only and
+a private CA. The URL's TLS options (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`)
+must reach every Redis client edge has, the CLI's, the request path's and the one `/readyz` asks, so
+that readiness says what the requests will get."""
 
 from __future__ import annotations
 

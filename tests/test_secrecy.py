@@ -1,5 +1,6 @@
-"""TESTPLAN T27 `test_key_stored_only_as_hash` (DESIGN §2 storage rule): a key created with the
-CLI exists in Redis only as its SHA-256 and never shows up in `keys list/show` or `/metrics`.
+"""T27 `test_key_stored_only_as_hash` (docs/testplan.md; Redis holds only a key's hash): a key
+created with the CLI exists in Redis only as its SHA-256 and never shows up in `keys list/show` or
+`/metrics`.
 
 `test_key_not_in_debug_log_or_metrics` is the part of T27's secrecy check that reaches the log,
 for the paths the session edge can serve (valid, unknown, key in the query string or path,

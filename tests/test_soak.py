@@ -1,8 +1,8 @@
-"""TESTPLAN T30 `test_soak_memory_fds_connections`, bounded for the suite: two instances under
-mixed traffic (streams, plain calls, clients leaving mid-stream with FIN or RST, invalid keys,
-429s, a Redis restart half-way). Memory, file descriptors and upstream connections stay flat
-and nothing is left in flight. Generous bounds here; `benchmarks/soak.py` runs it for minutes
-and prints the trend."""
+"""T30 (docs/testplan.md) `test_soak_memory_fds_connections`, bounded for the suite: two instances
+under mixed traffic (streams, plain calls, clients leaving mid-stream with FIN or RST, invalid keys,
+429s, a Redis restart half-way). Memory, file descriptors and upstream connections stay flat and
+nothing is left in flight. Generous bounds here; `benchmarks/soak.py` runs it for minutes and prints
+the trend."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Responses relayed through a real edge process, byte for byte and as they arrive.
 
-TESTPLAN T18 `test_sse_passthrough_unbuffered_and_byte_exact`: SSE events reach the client
+T18 (docs/testplan.md) `test_sse_passthrough_unbuffered_and_byte_exact`: SSE events reach the client
 when the upstream sends them (no buffering) and unchanged (sha256 of the client's bytes equals
 the fake upstream's record), gzip bodies pass through still compressed, edge asks the upstream
 for no compression the client did not ask for, and plain responses and upstream errors keep

@@ -1,6 +1,6 @@
-"""Upstream faults and client disconnects through a real edge process (DESIGN §5; the basics
-of TESTPLAN T15, T16, T19, T20): always a JSON error or a visibly cut stream, never a hang,
-and a client that leaves takes its upstream request with it."""
+"""Upstream faults and client disconnects through a real edge process (docs/guarantees.md; the
+basics of T15, T16, T19, T20 in docs/testplan.md): always a JSON error or a visibly cut stream,
+never a hang, and a client that leaves takes its upstream request with it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Prometheus metrics, on a registry owned by one app (tests build many apps per process).
 
-Names and labels are part of the contract (DESIGN §3). No label carries a key id: cardinality
-stays bounded by the plan table. Label children are bound once at start-up, so the hot path
-does a dict lookup and an `inc()`, never a label resolution.
+Names and labels are part of edge's surface (docs/metrics.md). No label carries a key id:
+cardinality stays bounded by the plan table. Label children are bound once at start-up, so the hot
+path does a dict lookup and an `inc()`, never a label resolution.
 
 With `--workers N`, prometheus-client's multiprocess mode sums the workers: the supervisor
 points `PROMETHEUS_MULTIPROC_DIR` at a directory it makes and removes, each worker's values

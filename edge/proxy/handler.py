@@ -321,7 +321,7 @@ class Proxy:
             self._cut(ex, describe(exc))
 
     async def _refund(self, rt: Resources, kid: str) -> None:
-        """The upstream never got the request: give its credit back (DESIGN §5)."""
+        """The upstream never got the request: give its credit back (docs/guarantees.md)."""
         try:
             await rt.limiter.refund(kid)
         except RedisUnavailable as exc:

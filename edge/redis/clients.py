@@ -8,7 +8,7 @@ Two clients per app: redis-py for everything off the hot path (admin, listing, t
 for the one admission command per request edge's pipelined client on a single server
 (`redis/hot.py`; redis-py itself on a cluster or the embedded server). Both are built from the
 same parsed URL, TLS options included. Every command has an explicit deadline and redis-py's
-automatic retries are off: a retried admission script could charge a key twice (DESIGN §5).
+automatic retries are off: a retried admission script could charge a key twice (docs/guarantees.md).
 """
 
 from __future__ import annotations

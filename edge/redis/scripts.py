@@ -59,8 +59,7 @@ class BoundScript:
 
     A client that can prepare an EVALSHA (the request path's own, `hot.PipelinedRedis`) packs
     its fixed part once and sends each call without the generic call chain: admission is the
-    one Redis call every request makes (the measured saving is in the README's Performance
-    section)."""
+    one Redis call every request makes (the measured saving is in docs/performance.md)."""
 
     def __init__(
         self,

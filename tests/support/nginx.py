@@ -1,6 +1,6 @@
 """A real nginx (Debian's package) on loopback, started and stopped by PID.
 
-`Nginx` load-balances over backends with a keep-alive upstream pool, as the README's deployment
+`Nginx` load-balances over backends with a keep-alive upstream pool, as docs/deployment.md's
 section recommends (the load-balancer tests; the benchmark's C reference proxy). `StaticNginx`
 answers every request with one fixed body (the benchmark's upstream: fast enough that it is
 never what is being measured).

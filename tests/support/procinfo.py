@@ -1,4 +1,4 @@
-"""What a process holds, read from /proc (TESTPLAN helpers `rss`, `fd_count`, `estab_to`; the
+"""What a process holds, read from /proc (the test plan's helpers `rss`, `fd_count`, `estab_to`; the
 benchmark's `tree`, `cpu_seconds`)."""
 
 from __future__ import annotations

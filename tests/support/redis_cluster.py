@@ -1,5 +1,5 @@
-"""A real Redis Cluster on loopback (TESTPLAN fixture `redis_cluster`): N masters (and as many
-replicas each as asked), started and stopped by PID, ready when CLUSTER INFO says
+"""A real Redis Cluster on loopback (the test plan's `redis_cluster` fixture): N masters (and as
+many replicas each as asked), started and stopped by PID, ready when CLUSTER INFO says
 `cluster_state:ok` everywhere and every replica's link to its master is up."""
 
 from __future__ import annotations

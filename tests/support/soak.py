@@ -1,5 +1,5 @@
-"""A soak run (TESTPLAN T30): mixed traffic over two edge instances for a bounded time while
-memory, file descriptors and connections are sampled. The suite runs it briefly with generous
+"""A soak run (T30 in docs/testplan.md): mixed traffic over two edge instances for a bounded time
+while memory, file descriptors and connections are sampled. The suite runs it briefly with generous
 bounds; `benchmarks/soak.py` runs it for minutes and prints the trend.
 
 Traffic, about `rate` requests a second in all: 70% SSE streams, 20% plain calls, 5% clients

@@ -9,7 +9,7 @@ Why hand-written: under load, aiohttp's `ClientSession` took 43.6 % of edge's CP
 hooks and timers, for features edge turns off (cookies, redirects, decompression, proxies,
 auto headers). edge needs one origin, bytes in and bytes out. This client writes the request
 head as one bytes join, feeds the answer to httptools, and hands body pieces over as they
-arrive; see the README's Performance section for what it bought.
+arrive; docs/performance.md says what it bought.
 
 Semantics kept from the aiohttp version (tests/test_upstream_faults_e2e.py holds them):
 - a request the upstream provably never received (connect refused or timed out, no pool slot
