@@ -13,52 +13,9 @@ from uvicorn.server import ServerState
 
 from edge.transport.link import CLIENT
 from edge.transport.protocol import Limits, protocol_class
+from tests.support.fake_transport import FakeTransport
 
 Scope = dict[str, Any]
-
-
-class FakeTransport:
-    """What the protocol wrote, whether it half-closed or closed, whether reading is paused;
-    closing reports the loss to the protocol on the next loop turn, as a socket does."""
-
-    def __init__(self) -> None:
-        self.protocol: Any = None
-        self.written = b""
-        self.closed = False
-        self.eof = False
-        self.reading = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(
-            name, default
-        )
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "written after close"
-        self.written += data
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof = True
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
 
 
 class App:

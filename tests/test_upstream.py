@@ -18,42 +18,10 @@ from edge.transport.upstream.connection import Connection
 from edge.transport.upstream.errors import BadResponse, ConnectFailed, Disconnected, PoolFull
 from edge.transport.upstream.pool import UpstreamPool
 from edge.transport.upstream.response import HIGH_WATER, Response
+from tests.support.fake_transport import FakeTransport
 
 HEAD = b"POST /v1/x HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class FakeTransport(asyncio.Transport):
-    """What the connection wrote, and whether it closed; closing reports the loss as a real
-    transport does, on the next loop turn."""
-
-    def __init__(self, protocol: asyncio.Protocol) -> None:
-        super().__init__()
-        self.protocol = protocol
-        self.written = b""
-        self.closed = False
-        self.reading = True
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += bytes(data)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
 
 
 async def connected(**limits: int) -> tuple[UpstreamPool, Connection, FakeTransport]:

@@ -229,7 +229,6 @@ class KeyStore:
                 "revoked (keys.max_per_owner)"
             )
         await self._write(kid, self.scripts.update, pairs)
-        self._changed(kid)
         if moving:
             if before.owner:
                 await self.owners.forget(before.owner, kid, entry)
@@ -252,12 +251,7 @@ class KeyStore:
         return key_index.member(created * 1_000_000, kid)
 
     async def set_status(self, kid: str, status: str, actor: str) -> KeyRecord:
-        done = await self.scripts.status(self.client, [record_key(check_kid(kid))], [status])
-        if done == 0:
-            raise KeyNotFound(f"no key with id {kid!r}")
-        if done == -1:
-            raise Conflict(f"key {kid} is revoked; revocation is final")
-        self._changed(kid)
+        await self._write(kid, self.scripts.status, [status])
         record = await self.get(kid)
         if status == "revoked" and record.owner:
             await self.owners.release(record.owner, kid)
@@ -268,14 +262,7 @@ class KeyStore:
     async def rotate(self, kid: str, grace_seconds: int, actor: str) -> tuple[str, KeyRecord]:
         """A new secret for the same kid; the old key stays valid for `grace_seconds`."""
         key = make_key(self.settings.keys.prefix, check_kid(kid))
-        done = await self.scripts.rotate(
-            self.client, [record_key(kid)], [key_hash(key), grace_seconds]
-        )
-        if done == 0:
-            raise KeyNotFound(f"no key with id {kid!r}")
-        if done == -1:
-            raise Conflict(f"key {kid} is revoked; revocation is final")
-        self._changed(kid)
+        await self._write(kid, self.scripts.rotate, [key_hash(key), grace_seconds])
         record = await self.get(kid)
         changes = {"grace_seconds": grace_seconds}
         await self.audit.record("rotate", kid, record.owner, actor, changes)
@@ -304,8 +291,11 @@ class KeyStore:
         return record
 
     async def _write(self, kid: str, script: Any, args: list[str | int]) -> None:
+        """One of the record scripts that answer 1 done, 0 no such key, -1 revoked; on success
+        the change is announced (`on_change`)."""
         done = await script(self.client, [record_key(check_kid(kid))], args)
         if done == 0:
             raise KeyNotFound(f"no key with id {kid!r}")
         if done == -1:
             raise Conflict(f"key {kid} is revoked; revocation is final")
+        self._changed(kid)
