@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp, Fleet(Path(tmp)) as fleet:
-        targets = [fleet.direct(), fleet.nginx(fleet.static.port), fleet.edge(fleet.static.port)]
+        edge = fleet.edge(fleet.static.port)
+        targets = [fleet.direct(), fleet.nginx(fleet.static.port), edge]
+        targets.append(fleet.metered(edge, fleet.metered_key))
         targets.append(fleet.edge(fleet.static.port, workers=2))
         if (os.cpu_count() or 1) < 2:
             notes.append("only one CPU: the 2-worker row shows contention, not scaling")
@@ -257,6 +259,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name in ("edge-1w", "edge-2w"):
         v = get(load, (name, 1), "redis_cmds_per_req")
         target(f"{name} Redis commands per request", "= 1", v, v == 1.0)
+    v = get(load, ("edge-1w-metered", 1), "redis_cmds_per_req")
+    target("edge-1w, metered key: Redis commands per request", "≤ 2", v, v is not None and v <= 2)
     return found
 
 

@@ -71,6 +71,7 @@ class Fleet(contextlib.ExitStack):
         self.static = StaticNginx(directory / "upstream", BODY)
         self.sse = SseUpstream()
         self.key = ""
+        self.metered_key = ""  # a token limit that is never hit: metered, never refused
 
     def __enter__(self) -> Fleet:
         super().__enter__()
@@ -82,15 +83,16 @@ class Fleet(contextlib.ExitStack):
             self.sse.start()
             self.callback(self.sse.stop)
             self.key = self._create_key()
+            self.metered_key = self._create_key("--tpm", str(10**11))
         except BaseException:
             self.close()  # __exit__ does not run when __enter__ fails
             raise
         return self
 
-    def _create_key(self) -> str:
+    def _create_key(self, *extra: str) -> str:
         huge = str(10**11)  # the limits are enforced (both buckets, every request) but never hit
         done = run_cli(
-            "keys", "create", "--plan", "team", "--rpm", huge, "--rpd", huge, "--json",
+            "keys", "create", "--plan", "team", "--rpm", huge, "--rpd", huge, *extra, "--json",
             redis_url=self.redis.url,
         )  # fmt: skip
         if done.returncode != 0:
@@ -121,6 +123,19 @@ class Fleet(contextlib.ExitStack):
             proc.port,
             proc.pid,
             key=self.key,
+            edge=True,
+        )
+
+    @staticmethod
+    def metered(edge: Target, key: str) -> Target:
+        """The same edge process, called with a metered key (a token limit): its usage is read
+        from every answer and settled after it, the cost the unmetered row does not pay."""
+        return Target(
+            f"{edge.name}-metered",
+            f"{edge.label}, metered key",
+            edge.port,
+            edge.pid,
+            key,
             edge=True,
         )
 

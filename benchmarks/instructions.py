@@ -1,6 +1,6 @@
 """Instructions edge executes per request, counted by callgrind: a noise-free A/B measure.
 
-    .venv/bin/python -m benchmarks.instructions [--requests 2000] [--connections 4]
+    .venv/bin/python -m benchmarks.instructions [--requests 2000] [--connections 4] [--metered]
 
 Wall-clock numbers on a shared 2-core machine move by ±5 % from run to run; the instruction
 count of the same build moves by well under 1 %, so it shows what a change to the request
@@ -58,6 +58,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--metered", action="store_true", help="with a metered key (a token limit never hit)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         ensure = REPO / "scripts" / "ensure-packages.sh"
@@ -73,6 +76,8 @@ def main() -> int:
             f"--callgrind-out-file={out}/callgrind.out",
         )
         edge = fleet.edge(fleet.static.port, wrapper=wrapper)
+        if args.metered:
+            edge = fleet.metered(edge, fleet.metered_key)
         asyncio.run(load(edge, 200, args.connections))  # warm-up: pools, caches, first calls
         control = ["callgrind_control"]
         subprocess.run([*control, "-i", "on", str(edge.pid)], check=True, capture_output=True)

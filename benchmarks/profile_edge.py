@@ -1,6 +1,7 @@
 """Where edge's CPU goes under load: py-spy samples one edge worker while wrk drives it.
 
     .venv/bin/python -m benchmarks.profile_edge [--connections 32] [--seconds 10] [--svg out.svg]
+        [--metered]
 
 Same fleet as `make bench` (real redis-server, nginx static upstream, every feature on). Prints
 edge's CPU per request and the share of samples per package (self time) and per function
@@ -29,7 +30,7 @@ PACKAGES = (
     ("yarl/multidict", "/yarl/"),
     ("yarl/multidict", "/multidict/"),
     ("prometheus_client", "/prometheus_client/"),
-    ("redis-py", "/redis/"),
+    ("redis-py", "site-packages/redis/"),
     ("starlette", "/starlette/"),
     ("asyncio", "/asyncio/"),
     ("edge", "/edge/"),
@@ -97,10 +98,15 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--svg", type=Path, help="also write a flame graph here")
     parser.add_argument("--lines", action="store_true", help="per line, not per function")
+    parser.add_argument(
+        "--metered", action="store_true", help="with a metered key (a token limit never hit)"
+    )
     args = parser.parse_args()
     spy = py_spy()
     with tempfile.TemporaryDirectory(prefix="edge-profile-") as tmp, Fleet(Path(tmp)) as fleet:
         edge = fleet.edge(fleet.static.port)
+        if args.metered:
+            edge = fleet.metered(edge, fleet.metered_key)
         assert edge.pid is not None
         script = write_script(Path(tmp))
         run_wrk(edge.url, 8, 2, script, edge.key)  # warm-up

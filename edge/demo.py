@@ -1,9 +1,11 @@
 """The built-in demo upstream: an OpenAI-compatible stand-in used when no EDGE_UPSTREAM_URL is
 set, so `make run` answers offline. It is a demo and says so in every answer.
 
-It serves `GET /v1/models`, `POST /v1/chat/completions` (plain and `stream: true`),
-`POST /v1/completions` and `POST /v1/embeddings` on a loopback port of its own; edge proxies to
-it exactly as it would to a real provider.
+It serves `GET /v1/models`, `POST /v1/chat/completions` (plain and `stream: true`, with the
+usage chunk when `stream_options.include_usage` asks for it), `POST /v1/completions`,
+`POST /v1/embeddings` and `POST /v1/responses` (plain and streamed), each reporting its `usage`
+as OpenAI does (tokens counted as words), on a loopback port of its own; edge proxies to it
+exactly as it would to a real provider.
 """
 
 from __future__ import annotations
@@ -56,8 +58,19 @@ class Message(BaseModel):
     content: StrictStr | list[Any] | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool = False
+
+
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+
+class ResponsesRequest(_Request):
+    input: StrictStr | list[Any]
     stream: StrictBool = False
 
 
@@ -116,6 +129,20 @@ def _reply_text(body: ChatRequest) -> str:
     return NOTICE
 
 
+def _words(value: Any) -> int:
+    """The demo's token count: words, at least one."""
+    return max(1, len(orjson.dumps(value).decode().split()))
+
+
+def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
 async def models(_: web.Request) -> web.Response:
     model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "edge-demo"}
     return _json({"object": "list", "data": [model]})
@@ -125,9 +152,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await _body(request, ChatRequest)
     text = _reply_text(body)
     ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    prompt, words = _words([m.content for m in body.messages]), len(text.split())
     if body.stream:
-        return await _stream(request, ident, created, model, text)
-    words = len(text.split())
+        usage = (
+            chat_usage(prompt, words)
+            if body.stream_options and body.stream_options.include_usage
+            else None
+        )
+        return await _stream(request, ident, created, model, text, usage)
     return _json(
         {
             "id": ident,
@@ -141,7 +173,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": words + 1},
+            "usage": chat_usage(prompt, words),
         }
     )
 
@@ -163,19 +195,72 @@ def sse_chunk(
 
 
 async def _stream(
-    request: web.Request, ident: str, created: int, model: Any, text: str
+    request: web.Request,
+    ident: str,
+    created: int,
+    model: Any,
+    text: str,
+    usage: dict[str, Any] | None,
 ) -> web.StreamResponse:
+    """OpenAI's chunks; with `usage` (include_usage), every chunk says `"usage": null` and a
+    last one, with no choices, carries it."""
+    resp = await _event_stream(request)
+    pieces = [{"role": "assistant", "content": ""}] + [
+        {"content": word + " "} for word in text.split()
+    ]
+    extra = {} if usage is None else {"usage": None}
+    for i, delta in enumerate([*pieces, {}]):
+        finish = "stop" if i == len(pieces) else None
+        await resp.write(sse_chunk(ident, created, model, delta, finish, **extra))
+    if usage is not None:
+        last = {"id": ident, "object": "chat.completion.chunk", "created": created}
+        last.update({"model": model, "choices": [], "usage": usage})
+        await resp.write(b"data: " + orjson.dumps(last) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _event_stream(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={"content-type": "text/event-stream", "cache-control": "no-cache", **DEMO_HEADERS}
     )
     await resp.prepare(request)
-    pieces = [{"role": "assistant", "content": ""}] + [
-        {"content": word + " "} for word in text.split()
-    ]
-    for i, delta in enumerate([*pieces, {}]):
-        finish = "stop" if i == len(pieces) else None
-        await resp.write(sse_chunk(ident, created, model, delta, finish))
-    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API: a `response` object, or its events ending in `response.completed`."""
+    body = await _body(request, ResponsesRequest)
+    said = body.input if isinstance(body.input, str) else ""
+    text = f"{NOTICE} You said: {said[:200]}" if said else NOTICE
+    usage = {
+        "input_tokens": _words(body.input),
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": len(text.split()),
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": _words(body.input) + len(text.split()),
+    }
+    ident, message = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+    content = {"type": "output_text", "text": text, "annotations": []}
+    output = {"type": "message", "id": message, "status": "completed", "role": "assistant"}
+    done: dict[str, Any] = {"id": ident, "object": "response", "created_at": int(time.time())}
+    done.update(
+        {"status": "completed", "model": body.model, "output": [{**output, "content": [content]}]}
+    )
+    done["usage"] = usage
+    if not body.stream:
+        return _json(done)
+    resp = await _event_stream(request)
+    started = {**done, "status": "in_progress", "output": [], "usage": None}
+    events: list[tuple[str, dict[str, Any]]] = [("response.created", {"response": started})]
+    for word in text.split():
+        delta = {"item_id": message, "output_index": 0, "content_index": 0, "delta": word + " "}
+        events.append(("response.output_text.delta", delta))
+    events.append(("response.completed", {"response": done}))
+    for number, (kind, data) in enumerate(events):
+        payload = orjson.dumps({"type": kind, "sequence_number": number, **data})
+        await resp.write(b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n")
     await resp.write_eof()
     return resp
 
@@ -189,6 +274,7 @@ async def completions(request: web.Request) -> web.Response:
             "created": int(time.time()),
             "model": body.model,
             "choices": [{"index": 0, "text": NOTICE, "finish_reason": "stop", "logprobs": None}],
+            "usage": chat_usage(_words(body.prompt), len(NOTICE.split())),
         }
     )
 
@@ -210,7 +296,7 @@ async def embeddings(request: web.Request) -> web.Response:
             "object": "list",
             "data": data,
             "model": body.model,
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            "usage": {"prompt_tokens": _words(inputs), "total_tokens": _words(inputs)},
         }
     )
 
@@ -245,6 +331,7 @@ def demo_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

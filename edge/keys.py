@@ -116,16 +116,23 @@ def record_key(kid: str) -> str:
     return f"edge:key:{{{kid}}}"
 
 
-def admit_keys(kid: str) -> tuple[str, str, str]:
-    """admit.lua's KEYS: the record, then the minute and day buckets (in the record's slot)."""
+def admit_keys(kid: str) -> tuple[str, str, str, str, str]:
+    """admit.lua's KEYS, all in the record's slot: the record, the minute and day buckets of
+    requests, the minute and day buckets of LLM tokens."""
     base = record_key(kid)
-    return base, base + ":m", base + ":d"
+    return base, base + ":m", base + ":d", base + ":tm", base + ":td"
 
 
 def bucket_keys(kid: str) -> tuple[str, str]:
-    """The minute and day token buckets of `kid`."""
-    _, minute, day = admit_keys(kid)
-    return minute, day
+    """The minute and day request buckets of `kid`."""
+    return record_key(kid) + ":m", record_key(kid) + ":d"
+
+
+def settle_keys(kid: str, settlement: str) -> tuple[str, str, str, str]:
+    """settle.lua's KEYS: the record, the two LLM-token buckets, and the id of one settlement
+    (`settlement`: random hex), which makes a settlement sent twice count once."""
+    base = record_key(kid)
+    return base, base + ":tm", base + ":td", f"{base}:s:{settlement}"
 
 
 RECORD_PREFIX = "edge:key:{"

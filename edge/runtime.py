@@ -17,6 +17,8 @@ from edge.control.store import KeyStore
 from edge.keys import KeyFormat
 from edge.metrics.registry import Metrics
 from edge.proxy.admission import Limiter
+from edge.proxy.metering import Pricing
+from edge.proxy.settlement import Settler
 from edge.redis import clients as connection
 from edge.redis.failures import FAILURES
 from edge.redis.scripts import Scripts
@@ -38,6 +40,8 @@ class Runtime:
     upstream: UpstreamPool
     key_format: KeyFormat
     store: KeyStore
+    pricing: Pricing
+    settler: Settler
     demo_key: str | None = None
 
 
@@ -74,16 +78,22 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         metrics = Metrics(settings.plans)
         metrics.start_flushing()
         stack.callback(metrics.stop_flushing)
+        limiter = Limiter(hot, scripts, settings.plans, metrics, settings.pricing.request)
+        pricing = Pricing(settings.pricing)
+        settler = Settler(limiter, pricing, metrics)
+        stack.push_async_callback(settler.close)  # before Redis closes: pending settlements
         yield Runtime(
             settings=settings,
             redis=redis,
             hot=hot,
             scripts=scripts,
-            limiter=Limiter(hot, scripts, settings.plans, metrics),
+            limiter=limiter,
             metrics=metrics,
             upstream=upstream,
             key_format=KeyFormat(settings.keys.prefix),
             store=KeyStore(redis, scripts, settings),
+            pricing=pricing,
+            settler=settler,
         )
 
 

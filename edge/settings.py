@@ -3,7 +3,7 @@
 `load_settings(path, environ, overrides)` reads `config/edge.toml` (or the file `EDGE_CONFIG`
 names), applies environment overrides, then the command line's, and validates the result with
 pydantic. Each setting `section.name` is overridden by `EDGE_<SECTION>_<NAME>`; plans by
-`EDGE_PLANS_<PLAN>_RPM` / `_RPD`.
+`EDGE_PLANS_<PLAN>_RPM` / `_RPD` / `_TPM` / `_TPD`; `EDGE_PRICING_MODELS` is JSON.
 
 Validation is strict where the input is typed: a TOML value must already have the field's type
 (`port = 18740.9` or `keepalive_timeout = true` is an error, never coerced); environment values
@@ -14,6 +14,7 @@ never its value (it may be a secret). Nothing here touches the network.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -183,9 +184,52 @@ class LogSettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+Limit = Annotated[int, Field(ge=0, lt=10**12)]
+
+
 class Plan(_Section):
-    rpm: Annotated[int, Field(ge=0, lt=10**12)]
-    rpd: Annotated[int, Field(ge=0, lt=10**12)]
+    rpm: Limit  # requests per minute and per day
+    rpd: Limit
+    tpm: Limit | None = None  # LLM tokens per minute and per day; None: no token limit
+    tpd: Limit | None = None
+
+
+Glob = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")]
+PerMillion = Annotated[int, Field(ge=0, le=10**9)]
+
+
+class ModelPrice(_Section):
+    """Credits per million tokens for the models matching `match` (`*` and `?` as wildcards)."""
+
+    match: Glob
+    input: PerMillion
+    output: PerMillion
+    cached_input: PerMillion | None = None  # None: cached input tokens cost `input`
+
+
+def _json_list(value: object) -> object:
+    """A list given as JSON text (an environment value) or in TOML, as a tuple."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON list of {match, input, output}") from None
+    return tuple(value) if isinstance(value, list) else value
+
+
+class PricingSettings(_Section):
+    request: PerMillion = 1  # credits an admitted request costs
+    models: Annotated[tuple[ModelPrice, ...], BeforeValidator(_json_list)] = ()  # first match
+
+    @property
+    def token_priced(self) -> bool:
+        return bool(self.models)
+
+
+class MeteringSettings(_Section):
+    # "inject": ask the upstream for usage on a metered key's stream and hide the usage-only
+    # chunk from a client that did not ask for it; "client": never touch a request body
+    stream_usage: Literal["inject", "client"] = "inject"
 
 
 PlanName = Annotated[str, StringConstraints(pattern=PLAN_NAME)]
@@ -209,6 +253,8 @@ class Settings(_Section):
     plans: Annotated[dict[PlanName, Plan], Field(min_length=1)] = Field(
         default_factory=default_plans
     )
+    pricing: PricingSettings = PricingSettings()
+    metering: MeteringSettings = MeteringSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -242,6 +288,8 @@ SECTIONS: dict[str, type[_Section]] = {
     "keys": KeysSettings,
     "admin": AdminSettings,
     "log": LogSettings,
+    "pricing": PricingSettings,
+    "metering": MeteringSettings,
 }
 Overrides = Mapping[str, Mapping[str, Any]]
 
@@ -285,7 +333,8 @@ def _read_toml(path: str | Path | None, env: Mapping[str, str]) -> tuple[str, di
 def _with_environment(
     data: dict[str, Any], env: Mapping[str, str], origins: dict[str, str]
 ) -> dict[str, Any]:
-    """`data` with every `EDGE_<SECTION>_<NAME>` / `EDGE_PLANS_<PLAN>_<RPM|RPD>` laid over it."""
+    """`data` with every `EDGE_<SECTION>_<NAME>` / `EDGE_PLANS_<PLAN>_<RPM|RPD|TPM|TPD>` laid
+    over it."""
     merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for section, model in SECTIONS.items():
         for name in model.model_fields:
@@ -299,7 +348,7 @@ def _with_environment(
     if isinstance(plans, dict):
         plans = {n: dict(p) if isinstance(p, dict) else p for n, p in plans.items()}
         for plan, spec in plans.items():
-            for window in ("rpm", "rpd"):
+            for window in ("rpm", "rpd", "tpm", "tpd"):
                 env_name = f"EDGE_PLANS_{plan}_{window}".upper().replace("-", "_")
                 if env_name in env and isinstance(spec, dict):
                     spec[window] = env[env_name]

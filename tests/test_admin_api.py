@@ -44,10 +44,15 @@ RECORD_FIELDS = {
     "rpd",
     "rpm_override",
     "rpd_override",
+    "tpm",
+    "tpd",
+    "tpm_override",
+    "tpd_override",
     "created",
     "expires",
     "last_used",
     "requests",
+    "tokens",
     "credits",
     "scopes",
     "rotated",
@@ -736,9 +741,9 @@ def test_plans_lists_the_default_plan_table(pair: Pair) -> None:
         plans = answer(client.get("/plans"), 200)
     assert plans["object"] == "list"
     assert sorted(plans["data"], key=lambda row: row["rpm"]) == [
-        {"plan": "free", "rpm": 20, "rpd": 1000},
-        {"plan": "pro", "rpm": 200, "rpd": 50_000},
-        {"plan": "team", "rpm": 1000, "rpd": 250_000},
+        {"plan": "free", "rpm": 20, "rpd": 1000, "tpm": None, "tpd": None},
+        {"plan": "pro", "rpm": 200, "rpd": 50_000, "tpm": None, "tpd": None},
+        {"plan": "team", "rpm": 1000, "rpd": 250_000, "tpm": None, "tpd": None},
     ]
 
 

@@ -27,7 +27,7 @@ from tests.support.admit_model import glob_matches
 from tests.support.redis_server import RedisServer
 
 ALPHABET = "ab-.%^$()[]+*?"
-PLANS = ["free", 1000, 100_000]
+PLANS = ["free", 1000, 100_000, -1, -1]
 KEY = "gw_sk_" + "g" * 44
 ADMITTED, OUT_OF_SCOPE = 0, 8
 
@@ -46,7 +46,7 @@ async def verdict(client: Any, glob: str, model: str) -> int:
     )  # fmt: skip
     script = Scripts().admit
     reply = await script(
-        client, keys.admit_keys(kid), [keys.key_hash(KEY), "x", "=" + model, *PLANS]
+        client, keys.admit_keys(kid), [keys.key_hash(KEY), "x", "=" + model, 1, *PLANS]
     )
     await client.delete(*keys.admit_keys(kid))
     return int(reply[0])

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge import keys
@@ -30,8 +30,10 @@ from edge.redis.scripts import Script
 from tests.support.admit_model import decide, level
 from tests.support.redis_server import RedisServer
 
-PLANS = {"free": (20, 1000), "tiny": (2, 5), "big": (600, 100_000)}
-PLAN_ARGS = [x for name, (rpm, rpd) in PLANS.items() for x in (name, rpm, rpd)]
+# name → (rpm, rpd, tpm, tpd); -1: no token limit
+PLANS = {"free": (20, 1000, -1, -1), "tiny": (2, 5, 40, 90), "big": (600, 100_000, 5_000, -1)}
+PLAN_ARGS = [x for name, limits in PLANS.items() for x in (name, *limits)]
+BUCKETS = ("m", "d", "tm", "td")
 SLACK_MS = 25  # how much later the script's clock may be than the one read before it
 ROUTES = ["chat/completions", "embeddings", "models", "models/gpt-4o", "files/x"]
 MODELS = ["", "~", "!", "=gpt-4o", "=gpt-4o-mini", "=o1", "=claude"]
@@ -57,22 +59,30 @@ request = st.tuples(
 )
 change = st.one_of(
     st.tuples(st.just("rewind"), st.sampled_from([1, 2, 3, 30, 61, 3600, 90_000])),
-    st.tuples(st.just("field"), st.sampled_from(["rpm", "rpd"]), limits),
+    st.tuples(st.just("field"), st.sampled_from(["rpm", "rpd", "tpm", "tpd"]), limits),
     st.tuples(st.just("field"), st.just("plan"), st.sampled_from(["free", "tiny", "gold"])),
     st.tuples(
         st.just("field"),
         st.just("status"),
         st.sampled_from(["active", "active", "paused", "", "revoked", "Active?"]),
     ),
-    st.tuples(st.just("field"), st.just("credits"), st.one_of(st.none(), limits)),
+    st.tuples(
+        st.just("field"),
+        st.just("credits"),
+        st.one_of(st.none(), limits, st.sampled_from(["-3", "-1", "--1", "-"])),
+    ),
     st.tuples(st.just("field"), st.just("scopes"), scopes),
     st.tuples(st.just("expires"), times),
     st.tuples(st.just("rotate"), st.sampled_from([0, 5, 120])),
     st.tuples(
         st.just("bucket"),
-        st.sampled_from(["m", "d"]),
-        st.sampled_from(["abc", "nan", "1e309", "-5", "-inf"]),
+        st.sampled_from(BUCKETS),
+        st.sampled_from(["abc", "nan", "1e309", "-5", "-inf", "-30", "-1e9", "0.5", "12"]),
     ),
+)
+# A token bucket in debt (after a large answer was settled), or at a hair above zero.
+debt = st.tuples(
+    st.just("debt"), st.sampled_from(["tm", "td"]), st.sampled_from([-5000, -30, -1, 0, 0.5, 3])
 )
 # Mostly requests, and small limits to start from, so schedules reach empty buckets, spent
 # credits and expiries rather than stopping short of them.
@@ -82,12 +92,34 @@ start = st.tuples(
     st.one_of(st.none(), st.integers(0, 6).map(str)),
     st.one_of(st.none(), st.integers(0, 12).map(str)),
     st.one_of(st.none(), st.integers(0, 4).map(str)),
+    st.sampled_from([1, 1, 0, 3]),  # the request price
 )
 steps = st.builds(
     lambda first, rest: [first, *rest],
     start,
-    st.lists(st.one_of(request, request, request, change), min_size=10, max_size=80),
+    st.lists(st.one_of(request, request, request, change, debt), min_size=10, max_size=80),
 )
+
+
+# Always tried as well: both token windows in debt, refilled by time, charged by price.
+REQUEST = ("request", "key", "chat/completions", "")
+TOKEN_DEBT: list[tuple[Any, ...]] = [
+    ("start", "tiny", "6", "12", "9", 3),
+    REQUEST,
+    ("debt", "tm", -30),
+    REQUEST,  # minute tokens in debt: 12
+    ("debt", "td", -5000),
+    REQUEST,  # both: the day's (13)
+    ("debt", "tm", 0.5),
+    REQUEST,  # a hair above zero: admitted, when the day is not in debt
+    ("debt", "td", 3),
+    REQUEST,
+    ("rewind", 30),
+    REQUEST,
+    ("field", "tpm", "2"),
+    ("field", "credits", "-3"),
+    REQUEST,  # in debt on credits: 402
+]
 
 
 class Key:
@@ -96,7 +128,10 @@ class Key:
     def __init__(self) -> None:
         self.kid = keys.new_kid()
         self.record = keys.record_key(self.kid)
-        self.minute, self.day = keys.bucket_keys(self.kid)
+        self.keys = keys.admit_keys(self.kid)  # record, m, d, tm, td
+        self.buckets = dict(zip(BUCKETS, self.keys[1:], strict=True))
+        self.minute, self.day = self.buckets["m"], self.buckets["d"]
+        self.price = 1
         self.current = keys.make_key("gw_sk_", self.kid)
         self.old = keys.make_key("gw_sk_", self.kid)  # a previous key, once rotated
         self.other = keys.make_key("gw_sk_", self.kid)  # never valid
@@ -122,6 +157,7 @@ async def run_schedule(client: Any, schedule: list[tuple[Any, ...]]) -> int:
         if kind == "start":
             fields = {"plan": step[1], "rpm": step[2], "rpd": step[3], "credits": step[4]}
             await client.hset(k.record, mapping={n: v for n, v in fields.items() if v})
+            k.price = step[5]
         elif kind == "request":
             await compare(client, admit, k, *step[1:])
             compared += 1
@@ -152,14 +188,19 @@ async def run_schedule(client: Any, schedule: list[tuple[Any, ...]]) -> int:
                     "hash": keys.key_hash(k.current),
                 },
             )
-        elif kind == "bucket":
-            await client.hset(k.minute if step[1] == "m" else k.day, "tokens", step[2])
+        elif kind == "debt":
+            bucket = k.buckets[step[1]]
+            await client.hset(bucket, mapping={"tokens": step[2], "ts": await now_ms(client)})
+        elif kind == "bucket":  # a bucket state: garbage, or one in debt (token buckets)
+            bucket = k.buckets[step[1]]
+            await client.hset(bucket, "tokens", step[2])
+            await client.hsetnx(bucket, "ts", await now_ms(client))
     return compared
 
 
 async def rewind(client: Any, k: Key, seconds: int) -> None:
     """Move the key's state `seconds` into the past: the same as that much time passing."""
-    for bucket in (k.minute, k.day):
+    for bucket in k.buckets.values():
         ts = await client.hget(bucket, "ts")
         if ts is not None:
             with contextlib.suppress(ValueError):
@@ -173,29 +214,32 @@ async def rewind(client: Any, k: Key, seconds: int) -> None:
 async def compare(client: Any, admit: Script, k: Key, who: str, route: str, model: str) -> None:
     presented = {"key": k.current, "old": k.old, "other": k.other}[who]
     record = text_fields(await client.hgetall(k.record))
-    minute = text_fields(await client.hgetall(k.minute))
-    day = text_fields(await client.hgetall(k.day))
+    buckets = {name: text_fields(await client.hgetall(b)) for name, b in k.buckets.items()}
     before = await now_ms(client)
-    args = (keys.key_hash(presented), route, model, *PLAN_ARGS)
+    args = (keys.key_hash(presented), route, model, k.price, *PLAN_ARGS)
     reply = [int(v) if isinstance(v, int) else v.decode() for v in await admit(
-        client, (k.record, k.minute, k.day), args
+        client, k.keys, args
     )]  # fmt: skip
     after = await now_ms(client)
-    expected = decide(record, minute, day, before, keys.key_hash(presented), route, model, PLANS)
-    if reply != expected.reply:
+    presented_hash = keys.key_hash(presented)
+
+    def reference(moment: int) -> list[Any]:
+        return decide(record, buckets, moment, presented_hash, route, model, PLANS, k.price).reply
+
+    expected = reference(before)
+    if reply != expected:
         # The script read Redis time somewhere between the two readings (a loaded machine can
         # stall this process between them): compare with the reference at every SLACK_MS step.
         moments = range(before + SLACK_MS, max(after, before + SLACK_MS) + 1, SLACK_MS)
-        laters = [
-            decide(record, minute, day, t, keys.key_hash(presented), route, model, PLANS).reply
-            for t in moments
-        ]
-        assert close(reply, expected.reply) or any(close(reply, r) for r in laters), (
-            f"admit.lua answered {reply}, the reference {expected.reply} (or {laters}) "
-            f"for record={record} minute={minute} day={day}"
+        laters = [reference(t) for t in moments]
+        assert close(reply, expected) or any(close(reply, r) for r in laters), (
+            f"admit.lua answered {reply}, the reference {expected} (or {laters}) "
+            f"for record={record} buckets={buckets}"
         )
+    for name in ("tm", "td"):  # admission never charges the token buckets: settlement does
+        assert text_fields(await client.hgetall(k.buckets[name])) == buckets[name]
     if reply[0] == 0:
-        await check_writes(client, k, record, minute, day, reply)
+        await check_writes(client, k, record, buckets["m"], buckets["d"], reply)
     else:
         after = text_fields(await client.hgetall(k.record))
         assert after == record, "a rejection wrote to the record"
@@ -206,7 +250,7 @@ def close(got: list[Any], want: list[Any]) -> bool:
     if len(got) != len(want) or got[:2] != want[:2]:
         return False
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        slack = SLACK_MS + 1 if i in (5, 7, 8) else 0
+        slack = SLACK_MS + 1 if i in (5, 7, 8, 15, 17) else 0
         if abs(int(a) - int(b)) > slack if i >= 2 else a != b:
             return False
     return True
@@ -221,7 +265,7 @@ async def check_writes(
     requests = after.get("requests")
     old = record.get("requests")
     assert requests == (str(int(old) + 1) if old and old.isdigit() and len(old) <= 12 else "1")
-    if reply[9] >= 0:
+    if reply[10] & 4:  # the key has a balance: charged the request price
         assert after.get("credits") == str(reply[9])
     now = await now_ms(client)
     for bucket, state, cap, window in ((k.minute, minute, reply[2], 60_000),
@@ -252,6 +296,7 @@ def run(factory: Callable[[], Any], schedule: list[tuple[Any, ...]]) -> int:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(schedule=steps)
+@example(schedule=TOKEN_DEBT)
 def test_admit_lua_matches_the_reference_on_redis(
     redis_server: RedisServer, schedule: list[tuple[Any, ...]]
 ) -> None:
@@ -261,6 +306,7 @@ def test_admit_lua_matches_the_reference_on_redis(
 @pytest.mark.slow
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=steps)
+@example(schedule=TOKEN_DEBT)
 def test_admit_lua_matches_the_reference_on_fakeredis(schedule: list[tuple[Any, ...]]) -> None:
     """Embedded mode: the same script on fakeredis's Lua gives the same answers."""
     run(connection.embedded, schedule)

@@ -130,6 +130,12 @@ def api_key(edge: EdgeProcess, **fields: Any) -> dict[str, Any]:
     return resp.json()  # type: ignore[no-any-return]
 
 
+def api_record(edge: EdgeProcess, kid: str) -> dict[str, Any]:
+    resp = httpx.get(f"{edge.url}/admin/keys/{kid}", headers=auth(TOKEN), timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
 def v1(edge: EdgeProcess, key: str) -> int:
     return httpx.get(f"{edge.url}/v1/models", headers=auth(key), timeout=10).status_code
 
@@ -239,9 +245,17 @@ def test_row_actions_take_effect_on_v1_at_once(
     assert v1(edge_admin, key) == 401  # grace 0: the old key died at once
 
     line.get_by_role("button", name="Edit").click()
+    page.get_by_role("dialog").get_by_label("LLM tokens per minute").fill("7000")
+    page.get_by_role("dialog").get_by_role("button", name="Save").click()
+    expect(line).to_contain_text("7000 (key)")
+    assert api_record(edge_admin, kid)["tpm_override"] == 7000
+    line.get_by_role("button", name="Edit").click()
+    expect(page.get_by_role("dialog").get_by_label("LLM tokens per minute")).to_have_value("7000")
+    page.get_by_role("dialog").get_by_label("LLM tokens per minute").fill("")
     page.get_by_role("dialog").get_by_label("Requests per minute").fill("1")
     page.get_by_role("dialog").get_by_role("button", name="Save").click()
     expect(line).to_contain_text("1 (key)")
+    assert api_record(edge_admin, kid)["tpm_override"] is None
     assert [v1(edge_admin, new_key) for _ in range(2)] == [200, 429]
 
     line.get_by_role("button", name="Revoke").click()

@@ -72,7 +72,8 @@ def test_embedded_mode_demo_key_and_upstream(
 
 async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
     """A scripted sequence per admit call, as (code, plan, rpm, rpd, minute remaining, day
-    remaining, credits, model scoped): a key with rpm=3, then a scoped key with 2 credits."""
+    remaining, credits (None: unlimited), model scoped): a key with rpm=3, then a scoped key
+    with 2 credits."""
     admit, create, status = Script("admit"), Script("create"), Script("status")
     plans = plan_args(load_settings(CONFIG, {}).plans)
 
@@ -81,12 +82,12 @@ async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
         key = keys.make_key(PREFIX, kid)
         record = keys.record_key(kid)
         assert await create(client, [record], [keys.key_hash(key), "plan", "free", *fields]) != 0
-        return key, (record, *keys.bucket_keys(kid))
+        return key, keys.admit_keys(kid)
 
     async def call(
         presented: str, kid_keys: tuple[str, ...], route: str = "models", model: str = ""
     ) -> tuple[Any, ...]:
-        reply = await admit(client, kid_keys, (keys.key_hash(presented), route, model, *plans))
+        reply = await admit(client, kid_keys, (keys.key_hash(presented), route, model, 1, *plans))
         d = decode(reply)
         return (
             d.code,
@@ -95,7 +96,7 @@ async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
             d.rpd,
             d.minute_remaining,
             d.day_remaining,
-            d.credits,
+            d.credits if d.has_balance else None,
             d.model_scoped,
         )
 
@@ -103,7 +104,7 @@ async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
     out = [await call(key, kid_keys) for _ in range(4)]
     out.append(await call(keys.make_key(PREFIX, kid_keys[0][10:-1]), kid_keys))  # wrong secret
     other = keys.new_kid()
-    out.append(await call(key, (keys.record_key(other), *keys.bucket_keys(other))))
+    out.append(await call(key, keys.admit_keys(other)))
     scopes = '{"routes": ["chat/completions"], "models": ["gpt-4o*", "o?"]}'
     scoped, scoped_keys = await new("scopes", scopes, "credits", 2)
     chat = "chat/completions"
@@ -132,7 +133,7 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
         await real.aclose()
 
     assert on_fake == on_real
-    free, none = -1, ("", 0, 0, 0, 0, -1, False)
+    free, none = None, ("", 0, 0, 0, 0, None, False)
     assert on_real == [
         (Code.ADMITTED, "free", 3, 1000, 2, 999, free, False),
         (Code.ADMITTED, "free", 3, 1000, 1, 998, free, False),
@@ -147,8 +148,8 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
         (Code.ADMITTED, "free", 20, 1000, 19, 999, 1, True),
         (Code.ADMITTED, "free", 20, 1000, 18, 998, 0, True),
         (Code.NO_CREDITS, "free", 0, 0, 0, 0, 0, True),
-        (Code.PAUSED, "free", 0, 0, 0, 0, -1, False),
-        (Code.REVOKED, "free", 0, 0, 0, 0, -1, False),
+        (Code.PAUSED, "free", 0, 0, 0, 0, None, False),
+        (Code.REVOKED, "free", 0, 0, 0, 0, None, False),
     ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge.keys import ParsedKey
-from edge.proxy.admission import SCOPED_ROUTES, Code, Decision
+from edge.proxy.admission import HAS_BALANCE, SCOPED_ROUTES, Code, Decision
 from edge.proxy.fail_open import FailOpen
 
 KEY = ParsedKey("AAAAAAAAAAAA", "a" * 64)
@@ -50,7 +50,7 @@ def test_a_wrong_secret_for_the_id_does_not_evict_the_real_key() -> None:
 
 @pytest.mark.parametrize(
     "decision",
-    [ADMITTED._replace(credits=10), ADMITTED._replace(scopes=SCOPED_ROUTES)],
+    [ADMITTED._replace(credits=10, flags=HAS_BALANCE), ADMITTED._replace(flags=SCOPED_ROUTES)],
     ids=["metered", "scoped"],
 )
 def test_metered_or_scoped_keys_are_never_admitted_without_redis(decision: Decision) -> None:

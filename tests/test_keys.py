@@ -22,6 +22,7 @@ from edge.keys import (
     make_key,
     new_kid,
     record_key,
+    settle_keys,
 )
 from tests.support.keys import secret_part
 
@@ -132,9 +133,9 @@ def test_redis_key_names_share_one_hash_tag() -> None:
     kid = new_kid()
     record = record_key(kid)
     minute, day = bucket_keys(kid)
-    assert admit_keys(kid) == (record, minute, day)
+    assert admit_keys(kid) == (record, minute, day, record + ":tm", record + ":td")
     assert record == f"edge:key:{{{kid}}}"
-    for name in (record, minute, day):
+    for name in (*admit_keys(kid), *settle_keys(kid, "0123abcd")):
         assert name[name.index("{") + 1 : name.index("}")] == kid
 
 

@@ -23,21 +23,18 @@ def test_decode_full_and_short_replies() -> None:
         Code.ADMITTED, "free", 20, 1000, 19, 3000, 999, 86400, 0, 41, 1, 1900000000
     )
     assert d.model_scoped and d.expires == 1900000000
-    routes_only = decode([8, b"free", 0, 0, 0, 0, 0, 0, 0, -1, 2, 0])
-    assert routes_only.credits == -1 and not routes_only.model_scoped
+    routes_only = decode([8, b"free", 0, 0, 0, 0, 0, 0, 0, 0, 2, 0])
+    assert not routes_only.has_balance and not routes_only.model_scoped
+    metered = decode([0, b"pro", 200, 50000, 199, 300, 49999, 1728, 0, -7, 4, 0, 1000, -1, -50])
+    assert metered.has_balance and metered.credits == -7 and metered.token_limited
+    assert (metered.tpm, metered.tpd, metered.tokens_minute) == (1000, -1, -50)
     assert decode([1]) == Decision(Code.UNKNOWN, "")
     assert decode([4, b"pro"]).plan == "pro"
 
 
 def test_plan_args_flatten_the_table() -> None:
-    assert plan_args({"free": Plan(rpm=20, rpd=1000), "pro": Plan(rpm=200, rpd=50000)}) == [
-        "free",
-        20,
-        1000,
-        "pro",
-        200,
-        50000,
-    ]
+    table = {"free": Plan(rpm=20, rpd=1000), "pro": Plan(rpm=200, rpd=50000, tpm=9000)}
+    assert plan_args(table) == ["free", 20, 1000, -1, -1, "pro", 200, 50000, 9000, -1]
 
 
 def test_go_duration_matches_openai_style() -> None:
@@ -118,3 +115,29 @@ def test_bucket_used_reads_the_bucket_as_admit_lua_does() -> None:
     assert bucket_used(1000, float("nan"), now, now, day) == 0
     assert bucket_used(0, 0.0, now, now, day) == 0
     assert bucket_used(10, 5.0, now + day * 5, now, day) == 5  # future stamp: no refill
+
+
+def test_headers_of_a_key_with_token_limits() -> None:
+    d = Decision(Code.ADMITTED, "pro", 200, 50_000, 199, 300, 49_999, 1_728, 0, 0, 0, 0,
+                 30_000, 1_000_000, -120, 61_000, 999_000, 86_400_000)  # fmt: skip
+    h = dict(rate_limit_headers(d))
+    assert h[b"x-ratelimit-limit-tokens"] == b"30000"
+    assert h[b"x-ratelimit-remaining-tokens"] == b"0"  # in debt: nothing left, not negative
+    assert h[b"x-ratelimit-reset-tokens"] == b"1m1s"
+    assert h[b"ratelimit-policy"] == (
+        b'"minute";q=200;w=60, "day";q=50000;w=86400, "tokens-minute";q=30000;w=60, '
+        b'"tokens-day";q=1000000;w=86400'
+    )
+    assert h[b"ratelimit"].endswith(b'"tokens-minute";r=0;t=61, "tokens-day";r=999000;t=86400')
+
+
+def test_a_token_429_says_which_window_in_openais_words() -> None:
+    d = Decision(Code.TOKENS_MINUTE_EMPTY, "pro", 200, 50_000, 199, 300, 49_999, 1_728, 2_500,
+                 0, 0, 0, 30_000, -1, -2_000, 64_000)  # fmt: skip
+    answer = rejection(d)
+    assert answer.outcome == "rate_limited_tokens_minute"
+    assert "on tokens per min (TPM): Limit 30000, Used 32000" in answer.error.message
+    assert dict(answer.headers)[b"retry-after"] == b"3"
+    day = rejection(d._replace(code=Code.TOKENS_DAY_EMPTY, tpd=100, tokens_day=0))
+    assert day.outcome == "rate_limited_tokens_day"
+    assert (b"x-should-retry", b"false") in day.headers

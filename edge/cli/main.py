@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge.cli import output as out
 from edge.cli.parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
-from edge.control.records import plan_rows
+from edge.control.records import plan_rows, pricing_rows
 from edge.control.specs import AuditQuery, KeyUpdate, NewKey, Rotation, explain
 from edge.control.store import KeyStore, StoreError
 from edge.errors import RedisUnavailable
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "plans":
             return _plans(settings, args.json)
+        if args.command == "pricing":
+            return _pricing(settings, args.json)
         return asyncio.run(_with_store(settings, args))
     except ConfigError as exc:
         return out.fail(f"configuration error: {exc}", EXIT_USAGE)
@@ -62,12 +64,26 @@ def _serve(args: argparse.Namespace) -> int:
         return out.fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
 
 
+def _pricing(settings: Settings, as_json: bool) -> int:
+    prices = pricing_rows(settings)
+    if as_json:
+        out.print_json(prices)
+        return 0
+    print(f"credits per admitted request: {prices['request']}")
+    if prices["models"]:
+        print("credits per million tokens, by model (first match wins):")
+        out.table(prices["models"], ["match", "input", "output", "cached_input"])
+    else:
+        print("no token prices: requests are all a key's balance pays for")
+    return 0
+
+
 def _plans(settings: Settings, as_json: bool) -> int:
     rows = plan_rows(settings)
     if as_json:
         out.print_json(rows)
     else:
-        out.table(rows, ["plan", "rpm", "rpd"])
+        out.table(rows, ["plan", "rpm", "rpd", "tpm", "tpd"])
     return 0
 
 
@@ -120,7 +136,17 @@ async def _key_action(store: KeyStore, args: argparse.Namespace) -> int:
     if action == "create":
         fields = {
             name: getattr(args, name)
-            for name in ("plan", "name", "owner", "rpm", "rpd", "expires_in", "credits")
+            for name in (
+                "plan",
+                "name",
+                "owner",
+                "rpm",
+                "rpd",
+                "tpm",
+                "tpd",
+                "expires_in",
+                "credits",
+            )
         }
         fields |= {"expires_at": args.expires_at, "scopes": _scopes(args)}
         spec = _spec(NewKey, store, {k: v for k, v in fields.items() if v is not None})
@@ -150,9 +176,10 @@ async def _change(store: KeyStore, args: argparse.Namespace) -> Any:
         status = {"pause": "paused", "resume": "active", "revoke": "revoked"}[action]
         return await store.set_status(args.id, status, ACTOR)
     if action == "set-limits":
-        limits = {n: getattr(args, n) for n in ("rpm", "rpd") if getattr(args, n) is not None}
+        windows = ("rpm", "rpd", "tpm", "tpd")
+        limits = {n: getattr(args, n) for n in windows if getattr(args, n) is not None}
         if not limits:
-            raise BadValue("give --rpm and/or --rpd")
+            raise BadValue("give at least one of --rpm, --rpd, --tpm, --tpd")
         fields = {n: (None if v == PLAN else v) for n, v in limits.items()}
         return await store.update(args.id, _spec(KeyUpdate, store, fields), ACTOR)
     if action == "credits":

@@ -12,7 +12,8 @@ from edge.control.records import KeyRecord
 
 TIMES = ("created", "expires", "last_used", "rotated", "previous_key_valid_until", "time")
 LIST_COLUMNS = [
-    "id", "name", "owner", "plan", "status", "rpm", "rpd", "credits", "requests", "last_used",
+    "id", "name", "owner", "plan", "status", "rpm", "rpd", "tpm", "tpd", "credits", "requests",
+    "tokens", "last_used",
 ]  # fmt: skip
 
 

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded Redis with a real upstream: create a demo key and print it",
     )
     sub.add_parser("plans", parents=[common], help="list the configured plans")
+    sub.add_parser("pricing", parents=[common], help="the configured prices")
     audit = sub.add_parser("audit", parents=[common], help="the admin changes, newest first")
     audit.add_argument("--limit", type=int, default=50, help="entries to show (default 50)")
 
@@ -85,9 +86,11 @@ def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> N
     create.add_argument("--owner", default="")
     create.add_argument("--rpm", type=int, help="override the plan's requests per minute")
     create.add_argument("--rpd", type=int, help="override the plan's requests per day")
+    create.add_argument("--tpm", type=int, help="override the plan's LLM tokens per minute")
+    create.add_argument("--tpd", type=int, help="override the plan's LLM tokens per day")
     create.add_argument("--expires-in", type=int, metavar="SECONDS", help="expire after this long")
     create.add_argument("--expires-at", type=when, metavar="TIME", help="expire at this time")
-    create.add_argument("--credits", type=int, help="a balance: each request costs 1")
+    create.add_argument("--credits", type=int, help="a balance, spent as [pricing] says")
     _scope_flags(create)
 
     listing = ksub.add_parser("list", parents=[common], help="list keys (never the keys)")
@@ -105,10 +108,14 @@ def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> N
         metavar="SECONDS",
         help="keep the old key valid this long (default 0: it dies now)",
     )
-    limits = ksub.add_parser("set-limits", parents=[common], help="per-key rpm/rpd overrides")
+    limits = ksub.add_parser(
+        "set-limits", parents=[common], help="per-key rpm/rpd/tpm/tpd overrides"
+    )
     limits.add_argument("id")
     limits.add_argument("--rpm", type=limit, help="requests per minute, or 'plan' to clear")
     limits.add_argument("--rpd", type=limit, help="requests per day, or 'plan' to clear")
+    limits.add_argument("--tpm", type=limit, help="LLM tokens per minute, or 'plan' to clear")
+    limits.add_argument("--tpd", type=limit, help="LLM tokens per day, or 'plan' to clear")
 
     update = ksub.add_parser("update", parents=[common], help="change a key's fields")
     update.add_argument("id")

@@ -8,11 +8,13 @@ the record; every answer, errors included, is JSON in OpenAI's error shape.
     POST   /admin/keys                 create: 201, the record plus `key` (its only showing)
     GET    /admin/keys                 ?owner=&status=&cursor=&limit= → {data, next_cursor}
     GET    /admin/keys/{id}            one record
-    PATCH  /admin/keys/{id}            name, owner, plan, rpm, rpd, scopes, expires_at, credits
+    PATCH  /admin/keys/{id}            name, owner, plan, rpm, rpd, tpm, tpd, scopes, expires_at,
+                                       credits
     POST   /admin/keys/{id}/pause|resume|revoke
     POST   /admin/keys/{id}/rotate     {grace_seconds} → the record plus the new `key`
     POST   /admin/keys/{id}/credits    {delta}: atomic, never below 0
     GET    /admin/plans                the plan table
+    GET    /admin/pricing              credits per request, and per million tokens by model
     GET    /admin/audit                ?cursor=&limit= → {data, next_cursor}, newest first
     GET    /admin/                     the dashboard (static files from edge/control/admin_ui)
 """
@@ -34,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
-from edge.control.records import KeyRecord, plan_rows
+from edge.control.records import KeyRecord, plan_rows, pricing_rows
 from edge.control.specs import (
     AuditQuery,
     CreditChange,
@@ -81,6 +83,7 @@ class AdminApi:
                 Route("/keys/{id}/rotate", self._wrap(rotate), methods=["POST"]),
                 Route("/keys/{id}/credits", self._wrap(credits), methods=["POST"]),
                 Route("/plans", self._wrap(plans), methods=["GET"]),
+                Route("/pricing", self._wrap(pricing), methods=["GET"]),
                 Route("/audit", self._wrap(audit), methods=["GET"]),
                 # the dashboard: static, public; everything it shows comes from the API above
                 Route("/", dashboard, methods=["GET", "HEAD"]),
@@ -228,6 +231,10 @@ async def credits(request: Request, store: KeyStore) -> Response:
 
 async def plans(request: Request, store: KeyStore) -> Response:
     return json({"object": "list", "data": plan_rows(store.settings)})
+
+
+async def pricing(request: Request, store: KeyStore) -> Response:
+    return json(pricing_rows(store.settings))
 
 
 async def audit(request: Request, store: KeyStore) -> Response:

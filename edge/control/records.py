@@ -12,6 +12,8 @@ import orjson
 from edge.settings import Settings
 
 WHOLE = re.compile(r"^\d{1,12}$")
+BALANCE = re.compile(r"^-?\d{1,12}$")
+COUNT = re.compile(r"^\d{1,15}$")
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,16 @@ class KeyRecord:
     rpd: int | None
     rpm_override: int | None
     rpd_override: int | None
+    tpm: int | None  # LLM tokens per minute / day: effective (None: no token limit)
+    tpd: int | None
+    tpm_override: int | None
+    tpd_override: int | None
     created: int | None
     expires: int | None
     last_used: int | None
     requests: int
-    credits: int | None  # None: unlimited
+    tokens: int  # LLM tokens used, as settled
+    credits: int | None  # None: unlimited; below zero after usage in flight ran past it
     scopes: dict[str, Any] | None  # {"routes": [...], "models": [...]}; None: no restriction
     rotated: int | None
     previous_key_valid_until: int | None
@@ -58,6 +65,7 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
     f = text_fields(raw)
     plan = settings.plans.get(f.get("plan", ""))
     rpm_o, rpd_o = _int(f.get("rpm")), _int(f.get("rpd"))
+    tpm_o, tpd_o = _int(f.get("tpm")), _int(f.get("tpd"))
     return KeyRecord(
         id=kid,
         plan=f.get("plan", ""),
@@ -68,11 +76,16 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
         rpd=rpd_o if rpd_o is not None else (plan.rpd if plan else None),
         rpm_override=rpm_o,
         rpd_override=rpd_o,
+        tpm=tpm_o if tpm_o is not None else (plan.tpm if plan else None),
+        tpd=tpd_o if tpd_o is not None else (plan.tpd if plan else None),
+        tpm_override=tpm_o,
+        tpd_override=tpd_o,
         created=_int(f.get("created")),
         expires=_or_none_left(f.get("expires")),
         last_used=_int(f.get("last_used")),
         requests=_int(f.get("requests")) or 0,
-        credits=_or_none_left(f.get("credits")),
+        tokens=_count(f.get("tokens")),
+        credits=_balance(f.get("credits")),
         scopes=_scopes(f.get("scopes")),
         rotated=_int(f.get("rotated")),
         previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
@@ -80,17 +93,41 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
 
 
 def _or_none_left(value: str | None) -> int | None:
-    """`expires` and `credits` as admit.lua reads them: absent or empty = None (never expires,
-    unlimited); anything but a whole number = 0 (already expired, no credits left)."""
+    """`expires` as admit.lua reads it: absent or empty = None (never expires); anything but a
+    whole number = 0 (already expired)."""
     if not value:
         return None
     parsed = _int(value)
     return 0 if parsed is None else parsed
 
 
+def _balance(value: str | None) -> int | None:
+    """`credits` as admit.lua reads it: absent or empty = None (unlimited); a whole number,
+    maybe below zero, = the balance; anything else = 0 (none left)."""
+    if not value:
+        return None
+    return int(value) if BALANCE.match(value) else 0
+
+
+def _count(value: str | None) -> int:
+    return int(value) if value is not None and COUNT.match(value) else 0
+
+
 def plan_rows(settings: Settings) -> list[dict[str, Any]]:
-    """The plan table as the CLI and the admin API show it."""
-    return [{"plan": name, "rpm": p.rpm, "rpd": p.rpd} for name, p in settings.plans.items()]
+    """The plan table as the CLI and the admin API show it (tpm, tpd: None = no limit)."""
+    return [
+        {"plan": name, "rpm": p.rpm, "rpd": p.rpd, "tpm": p.tpm, "tpd": p.tpd}
+        for name, p in settings.plans.items()
+    ]
+
+
+def pricing_rows(settings: Settings) -> dict[str, Any]:
+    """The price list as the CLI and the admin API show it: credits per admitted request, and
+    per million tokens by model glob, first match wins."""
+    return {
+        "request": settings.pricing.request,
+        "models": [price.model_dump() for price in settings.pricing.models],
+    }
 
 
 def _scopes(value: str | None) -> dict[str, Any] | None:

@@ -99,6 +99,8 @@ class NewKey(_Spec):
     owner: Text = ""
     rpm: Limit | None = None
     rpd: Limit | None = None
+    tpm: Limit | None = None
+    tpd: Limit | None = None
     expires_in: Seconds | None = None
     expires_at: UnixTime | None = None
     scopes: Scopes | None = None
@@ -118,14 +120,16 @@ class NewKey(_Spec):
 
 
 class KeyUpdate(_Spec):
-    """A change to a key: only the fields present change; `null` clears an override (rpm, rpd),
-    the scopes, the expiry, or the balance (credits: unlimited again)."""
+    """A change to a key: only the fields present change; `null` clears an override (rpm, rpd,
+    tpm, tpd), the scopes, the expiry, or the balance (credits: unlimited again)."""
 
     name: Text | None = None
     owner: Text | None = None
     plan: str | None = None
     rpm: Limit | None = None
     rpd: Limit | None = None
+    tpm: Limit | None = None
+    tpd: Limit | None = None
     scopes: Scopes | None = None
     expires_at: UnixTime | None = None
     credits: Limit | None = None

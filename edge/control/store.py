@@ -93,7 +93,7 @@ class KeyStore:
     async def create(self, spec: NewKey, actor: str) -> tuple[str, KeyRecord]:
         """A new key: (the plaintext key, shown this once; its record)."""
         fields: list[str | int] = ["plan", spec.plan]
-        for name in ("name", "owner", "rpm", "rpd", "credits", "expires_in"):
+        for name in ("name", "owner", "rpm", "rpd", "tpm", "tpd", "credits", "expires_in"):
             value = getattr(spec, name)
             if value not in (None, ""):
                 fields += [name, value]
@@ -212,7 +212,7 @@ class KeyStore:
         if not changes:
             raise StoreError("nothing to change")
         pairs: list[str | int] = []
-        for name in ("name", "owner", "plan", "rpm", "rpd", "credits"):
+        for name in ("name", "owner", "plan", "rpm", "rpd", "tpm", "tpd", "credits"):
             if name in changes:
                 value = getattr(change, name)
                 pairs += [name, "" if value is None else value]
@@ -270,20 +270,22 @@ class KeyStore:
 
     async def add_credits(self, kid: str, delta: int, actor: str) -> KeyRecord:
         """Top up (or take from) the balance, atomically; it never goes below 0."""
-        balance = await self.scripts.credits(self.client, [record_key(check_kid(kid))], [delta])
-        if balance == -1:
+        reply = await self.scripts.credits(self.client, [record_key(check_kid(kid))], [delta])
+        status = int(reply[0])
+        if status == 1:
             raise KeyNotFound(f"no key with id {kid!r}")
-        if balance == -2:
+        if status == 2:
             raise Conflict(f"key {kid} is revoked; revocation is final")
-        if balance == -3:
+        if status == 3:
             raise Conflict(
                 f"key {kid} has unlimited credits; give it a balance first (update credits)"
             )
-        if balance == -4:
+        if status == 4:
             raise Conflict(
                 f"key {kid}: a balance holds at most {MAX_CREDITS:,} credits; this change would "
                 "pass that, so nothing changed"
             )
+        balance = int(reply[1])
         self._changed(kid)
         record = await self.get(kid)
         changes = {"delta": delta, "credits": balance}

@@ -37,7 +37,11 @@ OUTCOMES = (
     "upstream_error",
     "bad_request",
     "upstream_cut",
+    "rate_limited_tokens_minute",
+    "rate_limited_tokens_day",
 )
+TOKEN_DIRECTIONS = ("input", "output")
+TOKEN_SOURCES = ("reported", "estimated")
 NO_PLAN = "none"
 UNKNOWN_PLAN = "unconfigured"
 REDIS_ERROR_KINDS = ("timeout", "connection", "noscript", "other")
@@ -98,6 +102,23 @@ class Metrics:
             ["plan"],
             registry=r,
         )
+        self.tokens = Counter(
+            "edge_tokens",
+            "LLM tokens metered keys used, as the upstream reported them or as estimated",
+            ["plan", "direction", "source"],
+            registry=r,
+        )
+        self.credits_charged = Counter(
+            "edge_credits_charged",
+            "Credits charged for LLM tokens (the request price is charged at admission)",
+            ["plan"],
+            registry=r,
+        )
+        self.settlement_failures = Counter(
+            "edge_settlement_failures",
+            "Settlements of metered requests that could not be written (their usage is lost)",
+            registry=r,
+        )
 
         # The request path's metrics, batched (metric_batch.py); the rest are rare.
         labels = [*plan_table, NO_PLAN, UNKNOWN_PLAN]
@@ -124,6 +145,15 @@ class Metrics:
         self._flusher: asyncio.TimerHandle | None = None
         self.redis_error = {kind: self.redis_errors.labels(kind) for kind in REDIS_ERROR_KINDS}
         self.fail_open = {plan: self.fail_open_admissions.labels(plan) for plan in labels}
+        # batched too: a metered request adds to them after every answer
+        self.tokens_by = {
+            (plan, direction, source): Tally(self.tokens.labels(plan, direction, source))
+            for plan in labels
+            for direction in TOKEN_DIRECTIONS
+            for source in TOKEN_SOURCES
+        }
+        self.credits_by_plan = {plan: Tally(self.credits_charged.labels(plan)) for plan in labels}
+        self._batches += [*self.tokens_by.values(), *self.credits_by_plan.values()]
         for name, plan in plan_table.items():
             self.plan_limit.labels(name, "minute").set(plan.rpm)
             self.plan_limit.labels(name, "day").set(plan.rpd)

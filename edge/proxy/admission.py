@@ -7,6 +7,7 @@ headers are plain functions.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from functools import lru_cache
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 
 from edge import errors
 from edge.errors import Headers, RedisUnavailable
-from edge.keys import ParsedKey, admit_keys, record_key
+from edge.keys import ParsedKey, admit_keys, record_key, settle_keys
 from edge.metrics.registry import Metrics
 from edge.redis.scripts import Scripts
 from edge.redis.types import ScriptClient
@@ -36,10 +37,12 @@ class Code(IntEnum):
     NO_CREDITS = 9
     NEED_MODEL = 10
     MODEL_UNREADABLE = 11
+    TOKENS_MINUTE_EMPTY = 12
+    TOKENS_DAY_EMPTY = 13
 
 
-UNLIMITED = -1
-SCOPED_MODELS, SCOPED_ROUTES = 1, 2
+NO_LIMIT = -1  # tpm / tpd: the key has no token limit
+SCOPED_MODELS, SCOPED_ROUTES, HAS_BALANCE = 1, 2, 4  # the reply's flags
 MODEL_NOT_READ = ""
 MODEL_MISSING = "!"
 NO_BODY = "~"  # a bodyless request: model scopes have nothing to check
@@ -55,26 +58,51 @@ class Decision(NamedTuple):
     day_remaining: int = 0
     day_reset_ms: int = 0
     retry_ms: int = 0
-    credits: int = UNLIMITED  # left after this request
-    scopes: int = 0  # SCOPED_MODELS | SCOPED_ROUTES: which scopes the key has
+    credits: int = 0  # the balance after this request (see `has_balance`)
+    flags: int = 0  # SCOPED_MODELS | SCOPED_ROUTES | HAS_BALANCE
     expires: int = 0  # the key's expiry, unix s (0: never)
+    tpm: int = NO_LIMIT  # token limits
+    tpd: int = NO_LIMIT
+    tokens_minute: int = 0  # LLM tokens left in the minute bucket (may be negative)
+    tokens_minute_reset_ms: int = 0  # until it is full
+    tokens_day: int = 0
+    tokens_day_reset_ms: int = 0
 
     @property
     def model_scoped(self) -> bool:
         """The key has model scopes: its request bodies must be read before admission."""
-        return bool(self.scopes & SCOPED_MODELS)
+        return bool(self.flags & SCOPED_MODELS)
+
+    @property
+    def scoped(self) -> bool:
+        return bool(self.flags & (SCOPED_MODELS | SCOPED_ROUTES))
+
+    @property
+    def has_balance(self) -> bool:
+        """The key spends credits (else unlimited)."""
+        return bool(self.flags & HAS_BALANCE)
+
+    @property
+    def token_limited(self) -> bool:
+        return self.tpm != NO_LIMIT or self.tpd != NO_LIMIT
+
+
+CODES = tuple(Code)  # by value: indexing is ~20x cheaper than Code(value)
+NO_TOKENS = (NO_LIMIT, NO_LIMIT, 0, 0, 0, 0)
+_new = tuple.__new__  # a Decision without its generated __new__: every request decodes one
 
 
 def decode(reply: Sequence[Any]) -> Decision:
-    """The script's flat reply (see the header of admit.lua) as a `Decision`."""
-    code = Code(int(reply[0]))
+    """The script's flat reply (see the header of admit.lua) as a `Decision`. Its numbers are
+    Redis integer replies (ints, from every client edge uses)."""
     if len(reply) == 1:
-        return Decision(code, "")
+        return Decision(CODES[reply[0]], "")
     plan = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if len(reply) == 2:
-        return Decision(code, plan)
-    n = [int(v) for v in reply[2:12]]
-    return Decision(code, plan, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8], n[9])
+        return Decision(CODES[reply[0]], plan)
+    if len(reply) == 12:  # a key without token limits
+        return _new(Decision, (CODES[reply[0]], plan, *reply[2:12], *NO_TOKENS))
+    return _new(Decision, (CODES[reply[0]], plan, *reply[2:18]))
 
 
 def model_state(model: str | None) -> str:
@@ -83,11 +111,20 @@ def model_state(model: str | None) -> str:
 
 
 def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
-    """The plan table as admit.lua's ARGV tail: name, rpm, rpd, …"""
+    """The plan table as admit.lua's ARGV tail: name, rpm, rpd, tpm, tpd, … (-1: no limit)"""
     args: list[str | int] = []
     for name, plan in plans.items():
-        args += [name, plan.rpm, plan.rpd]
+        tpm = NO_LIMIT if plan.tpm is None else plan.tpm
+        tpd = NO_LIMIT if plan.tpd is None else plan.tpd
+        args += [name, plan.rpm, plan.rpd, tpm, tpd]
     return args
+
+
+class Settled(NamedTuple):
+    """What settle.lua did: whether this settlement was new, and the credits it charged."""
+
+    new: bool
+    charged: int
 
 
 class Limiter:
@@ -97,13 +134,16 @@ class Limiter:
         scripts: Scripts,
         plans: Mapping[str, Plan],
         metrics: Metrics,
+        request_price: int = 1,
     ) -> None:
         self.client = client
         self.plan_args = plan_args(plans)
         self.metrics = metrics
+        self.request_price = request_price
         noscript = metrics.redis_error["noscript"].inc
-        self._admit = scripts.admit.bind(client, self.plan_args, noscript)
-        self._refund = scripts.refund.bind(client, (), noscript)
+        self._admit = scripts.admit.bind(client, [request_price, *self.plan_args], noscript)
+        self._refund = scripts.refund.bind(client, (request_price,), noscript)
+        self._settle = scripts.settle.bind(client, (), noscript)
 
     async def admit(self, key: ParsedKey, route: str, model: str = MODEL_NOT_READ) -> Decision:
         """One admission for `key` on `route` (the path after /v1/); `model` as `model_state`
@@ -116,12 +156,38 @@ class Limiter:
         return decode(reply)
 
     async def refund(self, kid: str) -> None:
-        """Give back the credit of an admitted request the upstream never received."""
+        """Give back the request price of an admitted request the upstream never received."""
         try:
             await self._refund((record_key(kid),), ())
         except RedisUnavailable as exc:
             self.metrics.redis_error[exc.kind].inc()
             raise
+
+    def settle_now(
+        self, kid: str, settlement: str, tokens_in: int, tokens_out: int, cost_micros: int,
+        tpm: int, tpd: int, remember_s: int = 3600,
+    ) -> asyncio.Future[Any] | None:  # fmt: skip
+        """`settle`, sent at once as a bare reply future on the request path's own client (no
+        coroutine, no task); None when that is not possible: then await `settle`."""
+        return self._settle.now(
+            settle_keys(kid, settlement),
+            (tokens_in, tokens_out, cost_micros, tpm, tpd, remember_s),
+        )
+
+    async def settle(
+        self, kid: str, settlement: str, tokens_in: int, tokens_out: int, cost_micros: int,
+        tpm: int, tpd: int, remember_s: int = 3600,
+    ) -> Settled:  # fmt: skip
+        """Charge one metered request's usage (settle.lua), once per `settlement` id."""
+        try:
+            reply = await self._settle(
+                settle_keys(kid, settlement),
+                (tokens_in, tokens_out, cost_micros, tpm, tpd, remember_s),
+            )
+        except RedisUnavailable as exc:
+            self.metrics.redis_error[exc.kind].inc()
+            raise
+        return Settled(int(reply[0]) == 1, int(reply[1]) if len(reply) > 1 else 0)
 
 
 def go_duration(ms: int) -> bytes:
@@ -143,28 +209,57 @@ def ceil_seconds(ms: int) -> int:
 
 
 @lru_cache(maxsize=1024)
-def policy_header(rpm: int, rpd: int) -> bytes:
-    return b'"minute";q=%d;w=60, "day";q=%d;w=86400' % (rpm, rpd)
+def policy_header(rpm: int, rpd: int, tpm: int = NO_LIMIT, tpd: int = NO_LIMIT) -> bytes:
+    policy = b'"minute";q=%d;w=60, "day";q=%d;w=86400' % (rpm, rpd)
+    if tpm != NO_LIMIT:
+        policy += b', "tokens-minute";q=%d;w=60' % tpm
+    if tpd != NO_LIMIT:
+        policy += b', "tokens-day";q=%d;w=86400' % tpd
+    return policy
 
 
 def rate_limit_headers(d: Decision) -> Headers:
-    """OpenAI's x-ratelimit-* (minute window) and the IETF RateLimit fields (both windows)."""
-    return [
+    """OpenAI's x-ratelimit-* (minute window) and the IETF RateLimit fields (both windows); for
+    a key with token limits, OpenAI's token headers (minute) and the token windows too."""
+    state = b'"minute";r=%d;t=%d, "day";r=%d;t=%d' % (
+        d.minute_remaining,
+        ceil_seconds(d.minute_reset_ms),
+        d.day_remaining,
+        ceil_seconds(d.day_reset_ms),
+    )
+    if d.tpm == NO_LIMIT and d.tpd == NO_LIMIT:  # the common case, in one list
+        return [
+            (b"x-ratelimit-limit-requests", b"%d" % d.rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % d.minute_remaining),
+            (b"x-ratelimit-reset-requests", go_duration(d.minute_reset_ms)),
+            (b"ratelimit-policy", policy_header(d.rpm, d.rpd)),
+            (b"ratelimit", state),
+        ]
+    headers = [
         (b"x-ratelimit-limit-requests", b"%d" % d.rpm),
         (b"x-ratelimit-remaining-requests", b"%d" % d.minute_remaining),
         (b"x-ratelimit-reset-requests", go_duration(d.minute_reset_ms)),
-        (b"ratelimit-policy", policy_header(d.rpm, d.rpd)),
-        (
-            b"ratelimit",
-            b'"minute";r=%d;t=%d, "day";r=%d;t=%d'
-            % (
-                d.minute_remaining,
-                ceil_seconds(d.minute_reset_ms),
-                d.day_remaining,
-                ceil_seconds(d.day_reset_ms),
-            ),
-        ),
     ]
+    if d.tpm != NO_LIMIT:
+        headers += [
+            (b"x-ratelimit-limit-tokens", b"%d" % d.tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(0, d.tokens_minute)),
+            (b"x-ratelimit-reset-tokens", go_duration(d.tokens_minute_reset_ms)),
+        ]
+        state += b', "tokens-minute";r=%d;t=%d' % (
+            max(0, d.tokens_minute),
+            ceil_seconds(d.tokens_minute_reset_ms),
+        )
+    if d.tpd != NO_LIMIT:
+        state += b', "tokens-day";r=%d;t=%d' % (
+            max(0, d.tokens_day),
+            ceil_seconds(d.tokens_day_reset_ms),
+        )
+    headers += [
+        (b"ratelimit-policy", policy_header(d.rpm, d.rpd, d.tpm, d.tpd)),
+        (b"ratelimit", state),
+    ]
+    return headers
 
 
 def rejection_headers(d: Decision) -> Headers:
@@ -175,7 +270,7 @@ def rejection_headers(d: Decision) -> Headers:
     """
     headers = rate_limit_headers(d)
     headers.append((b"retry-after", b"%d" % max(1, ceil_seconds(d.retry_ms))))
-    if d.code == Code.DAY_EMPTY:
+    if d.code in (Code.DAY_EMPTY, Code.TOKENS_DAY_EMPTY):
         headers.append((b"x-should-retry", b"false"))
     return headers
 
@@ -189,7 +284,12 @@ class Rejection(NamedTuple):
     headers: Headers
 
 
-WINDOW_NAMES = {Code.MINUTE_EMPTY: "per min (RPM)", Code.DAY_EMPTY: "per day (RPD)"}
+WINDOW_NAMES = {
+    Code.MINUTE_EMPTY: "per min (RPM)",
+    Code.DAY_EMPTY: "per day (RPD)",
+    Code.TOKENS_MINUTE_EMPTY: "per min (TPM)",
+    Code.TOKENS_DAY_EMPTY: "per day (TPD)",
+}
 
 
 def rejection(d: Decision) -> Rejection:
@@ -206,6 +306,16 @@ def rejection(d: Decision) -> Rejection:
             f"{limit}, Requested 1. Please try again in {wait}."
         )
         return Rejection(err, f"rate_limited_{window}", True, headers)
+    if code in (Code.TOKENS_MINUTE_EMPTY, Code.TOKENS_DAY_EMPTY):
+        minute = code == Code.TOKENS_MINUTE_EMPTY
+        limit, left = (d.tpm, d.tokens_minute) if minute else (d.tpd, d.tokens_day)
+        wait = go_duration(max(1000, ceil_seconds(d.retry_ms) * 1000)).decode()
+        err = errors.RateLimited(
+            f"Rate limit reached for this API key on tokens {WINDOW_NAMES[code]}: Limit "
+            f"{limit}, Used {limit - left}. Please try again in {wait}."
+        )
+        outcome = "rate_limited_tokens_minute" if minute else "rate_limited_tokens_day"
+        return Rejection(err, outcome, True, rejection_headers(d))
     if code == Code.OUT_OF_SCOPE:
         err = errors.PermissionDenied(
             "This API key may not use this endpoint or model: you have insufficient "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edge.keys import ParsedKey
-from edge.proxy.admission import UNLIMITED, Code, Decision
+from edge.proxy.admission import Code, Decision
 
 VALID = (Code.ADMITTED, Code.MINUTE_EMPTY, Code.DAY_EMPTY)  # the key itself checked out
 GONE = (Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
@@ -104,7 +104,7 @@ class FailOpen:
         """Learn from one of Redis's answers about `key`."""
         known = self._seen.get(key.kid)
         if decision.code in VALID:
-            if decision.scopes or decision.credits != UNLIMITED:
+            if decision.scoped or decision.has_balance:
                 self._seen.pop(key.kid, None)
                 return
             if known is None and len(self._seen) >= self.size:

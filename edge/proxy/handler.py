@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import Protocol
 
@@ -24,9 +25,10 @@ from edge.keys import KeyFormat, ParsedKey, bearer_token
 from edge.logs import Throttle
 from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
 from edge.proxy.admission import (
+    HAS_BALANCE,
     MODEL_NOT_READ,
     NO_BODY,
-    UNLIMITED,
+    NO_LIMIT,
     Code,
     Decision,
     Limiter,
@@ -36,6 +38,7 @@ from edge.proxy.admission import (
 from edge.proxy.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
 from edge.proxy.fail_open import FailOpen
 from edge.proxy.hints import KidHints
+from edge.proxy.metering import METERED_ROUTES, Meter, Pricing, UnusableBody, prepare
 from edge.proxy.policy import (
     ALLOW,
     API_PREFIX,
@@ -50,10 +53,11 @@ from edge.proxy.policy import (
     response_headers,
     upstream_target,
 )
+from edge.proxy.settlement import Settler
 from edge.settings import Settings
 from edge.transport.upstream.errors import BadResponse, PoolFull, UpstreamError, describe
 from edge.transport.upstream.pool import UpstreamPool
-from edge.transport.upstream.response import Response
+from edge.transport.upstream.response import Response, Sink
 
 
 class Resources(Protocol):
@@ -65,6 +69,8 @@ class Resources(Protocol):
     upstream: UpstreamPool
     metrics: Metrics
     key_format: KeyFormat
+    pricing: Pricing
+    settler: Settler
 
 
 log = logging.getLogger("edge.proxy.handler")
@@ -79,6 +85,19 @@ METHOD_REFUSED = errors.MethodNotAllowed(
 )
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
 NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS"})  # bodyless: no Content-Length: 0
+
+
+def metered(meter: Meter, sink: Sink) -> Sink:
+    """`sink`, with each piece passed through `meter` first (which may hold part of it back
+    until an SSE event ends, or take a usage chunk out)."""
+
+    def pipe(data: bytes, more: bool) -> bool:
+        out = meter.observe(data)
+        if not more:
+            out += meter.end()
+        return sink(out, more)
+
+    return pipe
 
 
 class Proxy:
@@ -101,6 +120,9 @@ class Proxy:
         self._provider = provider_headers(rt.settings.upstream)
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
         self._base_path = rt.upstream.origin.base_path
+        # keys with a balance are metered when tokens have prices
+        self._priced_flag = HAS_BALANCE if rt.pricing.token_priced else 0
+        self._inject = rt.settings.metering.stream_usage == "inject"
 
     def key_changed(self, kid: str) -> None:
         """A key was changed through this instance's admin API (`KeyStore.on_change`)."""
@@ -174,7 +196,7 @@ class Proxy:
             return
         ex.admitted(decision, rt.metrics.label(decision.plan))
         target = upstream_target(self._base_path, raw_path, query)
-        await self._forward(rt, ex, target, inbound, key.kid)
+        await self._forward(rt, ex, target, inbound, key.kid, route)
 
     async def _admit(self, rt: Resources, ex: Exchange, key: ParsedKey, route: str) -> Decision:
         """One admit.lua call; two only the first time a key with model scopes is seen.
@@ -229,21 +251,40 @@ class Proxy:
         await ex.fail(error, answer.outcome, answer.headers)
 
     async def _forward(
-        self, rt: Resources, ex: Exchange, target: bytes, inbound: Inbound, kid: str
+        self, rt: Resources, ex: Exchange, target: bytes, inbound: Inbound, kid: str, route: str
     ) -> None:
+        d = ex.decision
+        meter = None
+        headers = inbound.headers
+        data: bytes | AsyncIterator[bytes] | None
         try:
-            data = await ex.request_body(self.policy.max_body, inbound.length is not None)
+            if (
+                d is not None
+                and (d.tpm != NO_LIMIT or d.tpd != NO_LIMIT or d.flags & self._priced_flag)
+                and route in METERED_ROUTES
+            ):  # a metered key (a token limit, or a balance while tokens have prices) on a
+                # route whose answers use tokens: see metering.py; every other key skips it all
+                data, meter = await self._meter(ex, route)
+                headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
+            else:
+                data = await ex.request_body(self.policy.max_body, inbound.length is not None)
         except ClientGone:
             return  # admitted and charged: counted as allowed, nothing left to answer
         except BodyTooLarge:
             await ex.fail(self.policy.too_large(), "bad_request")
+            return
+        except UnusableBody as exc:  # nothing was sent: the request price goes back
+            if d is not None and d.has_balance:
+                await self._refund(rt, kid)
+            unusable = errors.BadRequest(exc.problem, code="invalid_body", param="model")
+            await ex.fail(unusable, "bad_request")
             return
         client = ex.scope.get("client")
         peer = client[0] if client else None
         trusted = self._trusted.trusts(peer)
         scheme = ex.scope.get("scheme", "http")
         forwarding = forwarded_headers(inbound.forwarding, peer, scheme, trusted)
-        headers = inbound.headers + forwarding + self._provider
+        headers = headers + forwarding + self._provider
         method = ex.method
         length: int | None
         if isinstance(data, bytes):
@@ -259,7 +300,7 @@ class Proxy:
             resp = await rt.upstream.request(method, target, headers, data, length)
         except (UpstreamError, ClientGone, BodyTooLarge) as exc:
             never_sent = isinstance(exc, UpstreamError) and exc.never_sent
-            if never_sent and ex.decision and ex.decision.credits != UNLIMITED:
+            if never_sent and d is not None and d.has_balance:
                 await self._refund(rt, kid)
             if ex.client_gone:
                 return
@@ -269,27 +310,53 @@ class Proxy:
             assert isinstance(exc, UpstreamError)
             await ex.fail(self._upstream_error(exc), "upstream_error")
             return
+        except asyncio.CancelledError:
+            if meter is not None and d is not None and ex.client_gone:
+                # left while the upstream was at work on it: its request is charged
+                rt.settler.submit(kid, ex.plan, d, meter.model, meter.usage())
+            raise
         streamed = not (data is None or isinstance(data, bytes))
         if streamed and ex.link is not None and ex.link.cycle.more_body:
             ex.link.end_after_answer()  # answered before the upload ended: read no more of it
         try:
             rt.metrics.ttfb_by_plan[ex.plan].observe(perf_counter() - sent)
             rt.metrics.upstream_status(ex.plan, resp.status)
-            await self._relay(resp, ex)
+            await self._relay(resp, ex, meter)
         finally:
             resp.close()
+            if meter is not None and d is not None:  # after the last byte, even a cut one
+                rt.settler.submit(kid, ex.plan, d, meter.model, meter.usage())
 
-    async def _relay(self, resp: Response, ex: Exchange) -> None:
+    async def _meter(self, ex: Exchange, route: str) -> tuple[bytes | None, Meter]:
+        """A metered request's whole body as it goes upstream (see metering.prepare), and the
+        Meter of its answer. Raises UnusableBody, ClientGone or BodyTooLarge."""
+        framed = any(name == b"content-length" for name, _ in ex.scope["headers"])
+        body = await ex.read_body(self.policy.max_body, framed)
+        if not body and ex.method in BODYLESS:
+            return None, Meter(None, 0, False)
+        prepared = prepare(body, route, self._inject)
+        if prepared.problem is not None:
+            raise UnusableBody(prepared.problem)
+        return prepared.body, Meter(prepared.model, len(body), prepared.strip)
+
+    async def _relay(self, resp: Response, ex: Exchange, meter: Meter | None = None) -> None:
         """Send the upstream's answer on: in one write when it is already whole, else piece by
         piece as it arrives. A cut upstream body ends the client's response without its
         final chunk (the connection closes), so a cut answer is never mistaken for a whole
-        one."""
+        one. A metered request's answer passes through its `meter` on the way."""
         send = ex.send
         ex.started = True
-        headers = response_headers(resp.headers) + ex.rate_headers
+        headers = response_headers(resp.headers)
+        if meter is not None:
+            meter.start(resp.status, resp.headers)
+            if meter.changes_bytes:  # a chunk may be taken out: the length is edge's to frame
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
+        headers += ex.rate_headers
         link = ex.link
         if resp.done and link is not None:  # the whole answer is in: one write, if it can be
             body = await resp.read()
+            if meter is not None:
+                body = meter.observe(body) + meter.end()
             ex.stop()
             if link.cycle.answer(resp.status, headers, body):
                 return
@@ -300,8 +367,9 @@ class Proxy:
             # Under edge's server: from here the upstream connection's own callback writes
             # each piece to the client as it arrives (Response.pipe); this task just waits.
             link.on_writable = resp.resume
+            sink = link.cycle.pipe_body
             try:
-                await resp.pipe(link.cycle.pipe_body)
+                await resp.pipe(sink if meter is None else metered(meter, sink))
             except UpstreamError as exc:
                 self._cut(ex, describe(exc))
             finally:
@@ -312,6 +380,8 @@ class Proxy:
         try:
             while True:
                 chunk = await resp.read()
+                if meter is not None:
+                    chunk = meter.observe(chunk) + (meter.end() if resp.done else b"")
                 if resp.done:  # read() hands over all that arrived: this is the last piece
                     ex.stop()
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})

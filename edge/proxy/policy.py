@@ -14,8 +14,10 @@ import ipaddress
 import json
 import re
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
+
+import orjson
 
 from edge import errors
 from edge.errors import Headers
@@ -276,14 +278,23 @@ LONG_MODEL = BodyModel(
 )
 
 
-def body_model(body: bytes) -> BodyModel:
-    """The request body's top-level "model", for a key whose model scopes must be checked.
+def top_object(body: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """A JSON request body's top-level object (None if it is not one), and whether two of its
+    fields could both be read as the model (`model` and `MODEL`, or `model` twice).
 
-    Two fields that could both be read as the model (`model` and `MODEL`, or `model` twice)
-    make the body unusable: an upstream that matches names ignoring case (Go's encoding/json)
-    or keeps the first duplicate would run another model than the one checked. orjson keeps
-    only the last of duplicates, so the standard library's parser, which shows every pair,
-    reads the top level here (only for such keys: a few µs more on a typical body)."""
+    Such a body is unusable wherever its model matters: an upstream that matches names
+    ignoring case (Go's encoding/json) or keeps the first duplicate would run another model
+    than the one edge read. orjson keeps only the last of duplicates, so when one is possible
+    (the body has `"model"` more than once, in any case, or a `\\u` escape) the standard
+    library's parser, which shows every pair, reads the top level instead; it also reads what
+    orjson refuses but a lenient upstream might take (NaN, say)."""
+    if body.lower().count(b'"model"') <= 1 and b"\\u" not in body:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return (data if isinstance(data, dict) else None), False
     top: list[list[tuple[str, object]]] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
@@ -293,12 +304,19 @@ def body_model(body: bytes) -> BodyModel:
     try:
         data = json.loads(body, object_pairs_hook=pairs)
     except (ValueError, RecursionError):
-        return BodyModel(None)
+        return None, False
     if not isinstance(data, dict):
-        return BodyModel(None)
-    if sum(1 for name, _ in top[0] if name.casefold() == "model") > 1:
+        return None, False
+    return data, sum(1 for name, _ in top[0] if name.casefold() == "model") > 1
+
+
+def body_model(body: bytes) -> BodyModel:
+    """The request body's top-level "model", for a key whose model scopes must be checked
+    (see `top_object`: a body with two candidate fields has none)."""
+    data, duplicate = top_object(body)
+    if duplicate:
         return DUPLICATE_MODEL
-    model = data.get("model")
+    model = data.get("model") if data is not None else None
     if not isinstance(model, str) or not model:
         return BodyModel(None)
     if len(model.encode("utf-8", "surrogatepass")) > MAX_MODEL_BYTES:

@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 from redis import exceptions as rex
 
-from edge.redis.types import Arg, PreparedCall
+from edge.redis.types import Arg
 from edge.redis_urls import parse_redis_url, tls_context
 
 
@@ -163,6 +163,34 @@ class _Pipe(asyncio.Protocol):
                 fut.set_exception(exc)
 
 
+class PreparedEvalsha:
+    """One script's EVALSHA with its fixed part packed (see `PipelinedRedis.prepare_evalsha`):
+    `await prepared(keys, args)`, or `prepared.now(keys, args)` for the reply's future without
+    a coroutine (None when the connection is not up: then use the awaitable form)."""
+
+    __slots__ = ("client", "fixed", "head", "tail")
+
+    def __init__(self, client: PipelinedRedis, sha: str, tail: Sequence[Arg]) -> None:
+        self.client = client
+        self.head = pack_args(("EVALSHA", sha))
+        self.tail = pack_args(tail)
+        self.fixed = 3 + len(tail)  # EVALSHA, sha, numkeys, and the tail
+
+    def _pack(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+        count = self.fixed + len(keys) + len(args)
+        body = pack_args((len(keys), *keys, *args))
+        return b"*%d\r\n%s%s%s" % (count, self.head, body, self.tail)
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
+        return self.client.send_packed(self._pack(keys, args))
+
+    def now(self, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any] | None:
+        pipe = self.client._pipe
+        if pipe is None or pipe.closed:
+            return None
+        return pipe.send(self._pack(keys, args), pipe.loop.time() + self.client.timeout)
+
+
 class PipelinedRedis:
     """`await client.evalsha(sha, numkeys, *keys_and_args)` over one pipelined connection."""
 
@@ -201,19 +229,10 @@ class PipelinedRedis:
         pipe = await self._connection(deadline)
         return await pipe.send(packed, deadline)
 
-    def prepare_evalsha(self, sha: str, tail: Sequence[Arg]) -> PreparedCall:
+    def prepare_evalsha(self, sha: str, tail: Sequence[Arg]) -> PreparedEvalsha:
         """An EVALSHA of `sha` whose last arguments are always `tail`, packed once: each call
-        packs only its keys and arguments (`scripts.BoundScript` uses it for admission)."""
-        head = pack_args(("EVALSHA", sha))
-        packed_tail = pack_args(tail)
-        fixed = 3 + len(tail)  # EVALSHA, sha, numkeys, and the tail
-
-        def call(keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]:
-            count = fixed + len(keys) + len(args)
-            body = pack_args((len(keys), *keys, *args))
-            return self.send_packed(b"*%d\r\n%s%s%s" % (count, head, body, packed_tail))
-
-        return call
+        packs only its keys and arguments (`scripts.BoundScript` uses it on the request path)."""
+        return PreparedEvalsha(self, sha, tail)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)

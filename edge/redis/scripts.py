@@ -11,6 +11,7 @@ Errors are translated into `RedisUnavailable` by `failures.py`, as every Redis c
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -76,6 +77,13 @@ class BoundScript:
         prepare: PrepareEvalsha | None = getattr(client, "prepare_evalsha", None)
         self._fast = prepare(script.sha, self.tail) if prepare is not None else None
 
+    def now(self, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any] | None:
+        """The call's reply future, sent at once without a coroutine, on the request path's
+        own client while it is connected; None otherwise (then await the call). The reply is
+        raw: the caller translates errors (a NOSCRIPT included) itself, or calls again."""
+        fast = self._fast
+        return fast.now(keys, args) if fast is not None else None
+
     async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             try:
@@ -95,7 +103,17 @@ class BoundScript:
             raise translate(exc, self.what) from None
 
 
-SCRIPT_NAMES = ("admit", "create", "credits", "refund", "reserve", "rotate", "status", "update")
+SCRIPT_NAMES = (
+    "admit",
+    "create",
+    "credits",
+    "refund",
+    "reserve",
+    "rotate",
+    "settle",
+    "status",
+    "update",
+)
 
 
 class Scripts:
@@ -108,6 +126,7 @@ class Scripts:
         self.refund = Script("refund")
         self.reserve = Script("reserve")
         self.rotate = Script("rotate")
+        self.settle = Script("settle")
         self.status = Script("status")
         self.update = Script("update")
 

@@ -4,14 +4,23 @@ pipelined client (`hot.py`) both satisfy them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 Arg = str | bytes | int | float
 """One argument of a Redis command, as both clients encode it."""
 
-PreparedCall = Callable[[Sequence[str], Sequence[Arg]], Awaitable[Any]]
-"""An EVALSHA with its SHA and last arguments fixed: called with the keys and the rest."""
+
+class PreparedCall(Protocol):
+    """An EVALSHA with its SHA and last arguments fixed: called with the keys and the rest;
+    `now` gives the reply's future at once (None if the connection is not up)."""
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Awaitable[Any]: ...
+
+    def now(self, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any] | None: ...
+
+
 PrepareEvalsha = Callable[[str, Sequence[Arg]], PreparedCall]
 """A client's way of preparing one (only edge's pipelined client has it)."""
 

@@ -14,8 +14,16 @@ MINUTE, DAY, EPS = 60_000, 86_400_000, 1e-9
 WHOLE = re.compile(r"^\d{1,12}$")
 
 
+SIGNED = re.compile(r"^-?\d+$")
+
+
 def whole(value: str | None) -> int | None:
     return int(value) if value is not None and WHOLE.match(value) else None
+
+
+def signed(value: str | None) -> int | None:
+    """A balance as admit.lua reads it: a whole number of at most 13 characters, maybe < 0."""
+    return int(value) if value is not None and len(value) <= 13 and SIGNED.match(value) else None
 
 
 def number(value: str | None) -> float | None:
@@ -33,11 +41,14 @@ class Outcome:
     record: dict[str, str] = field(default_factory=dict)  # written fields
 
 
-def level(bucket: dict[str, str], cap: int, window: int, now: int) -> tuple[float, float]:
+def level(
+    bucket: dict[str, str], cap: int, window: int, now: int, debt: bool = False
+) -> tuple[float, float]:
     tokens, ts = number(bucket.get("tokens")), number(bucket.get("ts"))
     if tokens is None or ts is None:
         return float(cap), float(now)
-    tokens = min(max(tokens, 0.0), float(cap))
+    floor = -cap * 1000.0 if debt else 0.0
+    tokens = min(max(tokens, floor), float(cap))
     ts = min(ts, now + window)
     if now > ts:
         if cap > 0:
@@ -69,14 +80,16 @@ def _strings(value: Any) -> list[str]:
 
 def decide(
     rec: dict[str, str],
-    minute: dict[str, str],
-    day: dict[str, str],
+    buckets: dict[str, dict[str, str]],
     now_ms: int,
     presented: str,
     route: str,
     model: str,
-    plans: dict[str, tuple[int, int]],
+    plans: dict[str, tuple[int, int, int, int]],
+    price: int = 1,
 ) -> Outcome:
+    """`buckets`: the key's bucket hashes by suffix (m, d, tm, td); `plans`: name → (rpm, rpd,
+    tpm, tpd), -1 for no token limit; `price`: credits per admitted request."""
     if "hash" not in rec:
         return Outcome([1])
     now_s = now_ms // 1000
@@ -96,14 +109,16 @@ def decide(
         return Outcome([4, plan])
     if plan not in plans:
         return Outcome([7, plan])
-    plan_rpm, plan_rpd = plans[plan]
-    credits = -1
-    if rec.get("credits"):
-        credits = whole(rec["credits"]) or 0
+    plan_rpm, plan_rpd, plan_tpm, plan_tpd = plans[plan]
+    limited = bool(rec.get("credits"))
+    credits = 0
+    if limited:
+        credits = signed(rec["credits"]) or 0
+    balance = 4 if limited else 0
     expiry = whole(rec.get("expires")) or 0
 
     def short(code: int, scoped: int) -> Outcome:
-        return Outcome([code, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry])
+        return Outcome([code, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance, expiry])
 
     scoped = 0
     if rec.get("scopes"):
@@ -127,38 +142,62 @@ def decide(
                     return short(11, scoped)
                 if not any(glob_matches(g, model[1:]) for g in models):
                     return short(8, scoped)
-    if credits == 0:
-        return Outcome([9, plan, 0, 0, 0, 0, 0, 0, 0, 0, scoped, expiry])
-    rpm = whole(rec.get("rpm"))
-    rpd = whole(rec.get("rpd"))
-    rpm = plan_rpm if rpm is None else rpm
-    rpd = plan_rpd if rpd is None else rpd
-    mt, mts = level(minute, rpm, MINUTE, now_ms)
-    dt, dts = level(day, rpd, DAY, now_ms)
+    if limited and credits <= 0:
+        return short(9, scoped)
+
+    def limit(name: str, plan_value: int) -> int:
+        value = whole(rec.get(name))
+        return plan_value if value is None else value
+
+    rpm, rpd = limit("rpm", plan_rpm), limit("rpd", plan_rpd)
+    tpm, tpd = limit("tpm", plan_tpm), limit("tpd", plan_tpd)
+    mt, mts = level(buckets.get("m", {}), rpm, MINUTE, now_ms)
+    dt, dts = level(buckets.get("d", {}), rpd, DAY, now_ms)
+    tmt = tdt = 0.0
+    tm_full = td_full = 0
+    tmts = tdts = float(now_ms)
+    if tpm >= 0:
+        tmt, tmts = level(buckets.get("tm", {}), tpm, MINUTE, now_ms, debt=True)
+        tm_full = until(tmt, tmts, tpm, MINUTE, tpm, now_ms)
+    if tpd >= 0:
+        tdt, tdts = level(buckets.get("td", {}), tpd, DAY, now_ms, debt=True)
+        td_full = until(tdt, tdts, tpd, DAY, tpd, now_ms)
+    tokens = [tpm, tpd, math.floor(tmt + EPS), tm_full, math.floor(tdt + EPS), td_full]
+    if tpm < 0 and tpd < 0:
+        tokens = []  # a key without token limits: the reply ends at its 12th entry
+    flags = scoped + balance
+    requests_state = [
+        math.floor(mt + EPS), until(mt, mts, rpm, MINUTE, rpm, now_ms),
+        math.floor(dt + EPS), until(dt, dts, rpd, DAY, rpd, now_ms),
+    ]  # fmt: skip
     if mt < 1 - EPS or dt < 1 - EPS:
         code, retry = 5, 0
         if dt < 1 - EPS:
             code, retry = 6, until(dt, dts, rpd, DAY, 1, now_ms)
         if mt < 1 - EPS:
             retry = max(retry, until(mt, mts, rpm, MINUTE, 1, now_ms))
-        return Outcome([
-            code, plan, rpm, rpd,
-            math.floor(mt + EPS), until(mt, mts, rpm, MINUTE, rpm, now_ms),
-            math.floor(dt + EPS), until(dt, dts, rpd, DAY, rpd, now_ms),
-            retry, credits, scoped, expiry,
-        ])  # fmt: skip
+        return Outcome([code, plan, rpm, rpd, *requests_state, retry, credits, flags, expiry,
+                        *tokens])  # fmt: skip
+    if (tpm >= 0 and tmt <= EPS) or (tpd >= 0 and tdt <= EPS):
+        code, retry = 12, 0
+        if tpd >= 0 and tdt <= EPS:
+            code, retry = 13, until(tdt, tdts, tpd, DAY, EPS * 2, now_ms) + 1
+        if tpm >= 0 and tmt <= EPS:
+            retry = max(retry, until(tmt, tmts, tpm, MINUTE, EPS * 2, now_ms) + 1)
+        return Outcome([code, plan, rpm, rpd, *requests_state, retry, credits, flags, expiry,
+                        *tokens])  # fmt: skip
     mt, dt = max(mt - 1, 0.0), max(dt - 1, 0.0)
     m_full = until(mt, mts, rpm, MINUTE, rpm, now_ms)
     d_full = until(dt, dts, rpd, DAY, rpd, now_ms)
     written = {"last_used": str(now_s)}
     requests = whole(rec.get("requests"))
     written["requests"] = str(requests + 1 if requests is not None else 1)
-    if credits > 0:
-        credits -= 1
+    if limited and price > 0:
+        credits -= price
         written["credits"] = str(credits)
     return Outcome(
         [0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
-         credits, scoped, expiry],
+         credits, flags, expiry, *tokens],
         {"m": (mt, mts), "d": (dt, dts)},
         written,
     )  # fmt: skip

@@ -14,6 +14,8 @@ handlers: models, chat completions plain and streaming, embeddings). Knobs, as r
   x-fake-gzip: 1            gzip the body and say `Content-Encoding: gzip`
   x-fake-gzip: accepted     the same, but only if the request's Accept-Encoding allows gzip
   x-fake-header: Name: v    add a response header (repeatable)
+  x-fake-api: responses      answer /v1/responses as the Responses API does (edge's demo
+                            handler, usage included); without it that path echoes
   x-fake-unframed: close|reset  answer with a body that has no length framing (no
                             Content-Length, not chunked: it ends when the connection does),
                             x-fake-chunks events 20 ms apart, then close cleanly or reset
@@ -271,6 +273,10 @@ class FakeUpstream:
             return await demo.chat(request)
         if path == "/v1/embeddings" and request.method == "POST":
             return await demo.embeddings(request)
+        if path == "/v1/completions" and request.method == "POST":
+            return await demo.completions(request)
+        if path == "/v1/responses" and request.headers.get("x-fake-api") == "responses":
+            return await demo.responses(request)  # else /v1/responses echoes, as it always did
         payload = orjson.dumps({"object": "echo", "method": request.method, "path": path})
         return web.Response(body=payload, content_type="application/json")
 

@@ -159,7 +159,7 @@ $("create-form").addEventListener("submit", async (event) => {
     const value = $(`create-${name}`).value.trim();
     if (value) fields[name] = value;
   }
-  for (const name of ["rpm", "rpd", "credits"]) {
+  for (const name of ["rpm", "rpd", "tpm", "tpd", "credits"]) {
     const value = whole($(`create-${name}`));
     if (value !== null) fields[name] = value;
   }
@@ -206,6 +206,8 @@ $("edit-form").addEventListener("submit", async (event) => {
   const fields = {
     rpm: whole($("edit-rpm")),
     rpd: whole($("edit-rpd")),
+    tpm: whole($("edit-tpm")),
+    tpd: whole($("edit-tpd")),
     credits: whole($("edit-credits")),
   };
   try {
@@ -234,6 +236,8 @@ const handlers = {
     target = rec;
     $("edit-rpm").value = rec.rpm_override ?? "";
     $("edit-rpd").value = rec.rpd_override ?? "";
+    $("edit-tpm").value = rec.tpm_override ?? "";
+    $("edit-tpd").value = rec.tpd_override ?? "";
     $("edit-credits").value = rec.credits ?? "";
     $("edit-title").textContent = `Limits and credits of ${rec.id}`;
     open($("edit-dialog"), $("edit-error"));

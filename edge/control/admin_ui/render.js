@@ -78,7 +78,10 @@ export function keyRow(rec, on) {
     cell(rec.status),
     limitCell(rec.rpm, rec.rpm_override),
     limitCell(rec.rpd, rec.rpd_override),
+    limitCell(rec.tpm, rec.tpm_override),
+    limitCell(rec.tpd, rec.tpd_override),
     cell(rec.requests),
+    cell(rec.tokens ?? 0),
     todayCell(rec),
     cell(ago(rec.last_used), rec.last_used ? isoTime(rec.last_used) : ""),
     cell(rec.credits === null ? "unlimited" : rec.credits),
@@ -102,7 +105,9 @@ export function keyRow(rec, on) {
 
 export function planRow(plan) {
   const tr = el("tr");
-  tr.append(cell(plan.plan), cell(plan.rpm), cell(plan.rpd));
+  tr.append(
+    cell(plan.plan), cell(plan.rpm), cell(plan.rpd), cell(plan.tpm ?? "—"), cell(plan.tpd ?? "—"),
+  );
   return tr;
 }
 

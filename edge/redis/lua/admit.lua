@@ -2,24 +2,30 @@
 admit.lua: one admission decision for one API key, atomically, in one round trip.
 
 KEYS[1]  edge:key:{kid}      the key record (hash)
-KEYS[2]  edge:key:{kid}:m    minute bucket (hash: tokens = float, ts = ms of the last update)
-KEYS[3]  edge:key:{kid}:d    day bucket (same fields)
+KEYS[2]  edge:key:{kid}:m    minute bucket of requests (hash: tokens = float, ts = ms of the
+                             last update)
+KEYS[3]  edge:key:{kid}:d    day bucket of requests (same fields)
+KEYS[4]  edge:key:{kid}:tm   minute bucket of LLM tokens (same fields; may hold debt, < 0)
+KEYS[5]  edge:key:{kid}:td   day bucket of LLM tokens (same)
 ARGV[1]  sha256 hex of the presented key
 ARGV[2]  the request's route: its raw path after "/v1/" (e.g. "chat/completions")
 ARGV[3]  the request body's model, as far as the caller read it: "" not read (the body is
          parsed only for keys with model scopes), "~" a bodyless request (GET, DELETE, … with
          no body: nothing to check), "!" read but no usable top-level "model", "=" followed by
          the model
-ARGV[4…] the plan table, flattened: name, rpm, rpd, name, rpm, rpd, … (requests per window)
+ARGV[4]  credits an admitted request costs (pricing.request, a whole number)
+ARGV[5…] the plan table, flattened: name, rpm, rpd, tpm, tpd, name, … (requests per window;
+         tokens per window, -1 = no token limit)
 
-Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd (optional overrides,
-non-negative integers; anything else falls back to the plan), status (active | paused |
-revoked; empty = active), expires (unix s; empty = never; anything else = expired),
-requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]}; model scopes
-apply to requests with a body;
-absent, empty or {} = everything; anything but a JSON object = nothing), credits (absent or empty = unlimited; a whole
-number = the balance; anything else = none left).
-Record fields written on admission: last_used (unix s), requests (+1), credits (-1 if limited).
+Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd, tpm, tpd (optional
+overrides, non-negative integers; anything else falls back to the plan), status (active |
+paused | revoked; empty = active), expires (unix s; empty = never; anything else = expired),
+requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]};
+model scopes apply to requests with a body; absent, empty or {} = everything; anything but a
+JSON object = nothing), credits (absent or empty = unlimited; a whole number, negative after
+usage in flight = the balance; anything else = none left).
+Record fields written on admission: last_used (unix s), requests (+1), credits (- the request
+price, if limited).
 
 Every field is read and validated before the first write, and every write is one that cannot
 fail on any value an operator may have stored (HSET, PEXPIRE, HINCRBY on a checked integer):
@@ -34,26 +40,33 @@ is 10 (read the body and ask again), nothing charged.
 
 Time is Redis time (TIME) in milliseconds, never the caller's. Buckets refill continuously:
 capacity / 60000 tokens per ms (minute) and capacity / 86400000 per ms (day). A request is
-admitted only when both buckets hold a whole token and a credit is left; then both buckets
-and the credits are charged one. Rejections write nothing. A bucket expires when it would be
-full again: a missing bucket is a full one. A bucket timestamp in the future (clock stepped
-back on failover) refills nothing until Redis time passes it, and is never trusted for more
-than one window ahead.
+admitted only when both request buckets hold a whole token, every token bucket of the key
+(a key has them only with a token limit) holds more than zero, and the balance (if any) is
+above zero; then both request buckets are charged one and the balance the request price.
+Token buckets are charged later, by settle.lua, with what the answer used. Rejections write
+nothing. A bucket expires when it would be full again: a missing bucket is a full one. A
+bucket timestamp in the future (clock stepped back on failover) refills nothing until Redis
+time passes it, and is never trusted for more than one window ahead.
 
-Reply, decoded positionally by limiter.py:
+Reply, decoded positionally by proxy/admission.py:
   1 code   0 admitted, 1 unknown key, 2 revoked, 3 expired, 4 paused (not active),
            5 minute bucket empty, 6 day bucket empty, 7 plan not configured,
            8 route or model outside the key's scopes, 9 no credits left,
-           10 model needed (the key has model scopes), 11 body unusable for model scopes
+           10 model needed (the key has model scopes), 11 body unusable for model scopes,
+           12 minute token bucket at or below zero, 13 day token bucket at or below zero
   2 plan   the record's plan name
   3 rpm    4 rpd      effective limits
   5 minute tokens left (whole)   6 ms until the minute bucket is full
   7 day tokens left (whole)      8 ms until the day bucket is full
   9 ms until the next request could be admitted (0 when admitted)
-  10 credits left after this request (-1: unlimited)
-  11 the key's scopes: 1 if it has model scopes, + 2 if it has route scopes
+  10 the balance after this request (0 when the key has none: see 11)
+  11 flags: 1 model scopes, + 2 route scopes, + 4 a credit balance
   12 the key's expiry (unix s; 0 = never)
-Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10, 11 and 12.
+  13 tpm  14 tpd     effective token limits (-1: none)
+  15 LLM tokens in the minute bucket (whole, may be negative)  16 ms until it is full
+  17 LLM tokens in the day bucket (whole, may be negative)     18 ms until it is full
+Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10, 11 and 12;
+entries 13-18 come only for a key with a token limit (no token limit: the reply ends at 12).
 ]]
 
 local MINUTE, DAY = 60000, 86400000
@@ -61,6 +74,12 @@ local EPS = 1e-9
 
 local function whole(v)
   if v and #v <= 12 and string.match(v, '^%d+$') then return tonumber(v) end
+  return nil
+end
+
+-- A balance: a whole number, negative after usage that was in flight when it ran out.
+local function signed(v)
+  if v and #v <= 13 and string.match(v, '^%-?%d+$') then return tonumber(v) end
   return nil
 end
 
@@ -121,7 +140,7 @@ local function model_allowed(globs, model)
 end
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
-  'status', 'expires', 'requests', 'scopes', 'credits')
+  'status', 'expires', 'requests', 'scopes', 'credits', 'tpm', 'tpd')
 if not rec[1] then return {1} end
 
 local clock = redis.call('TIME')
@@ -142,55 +161,64 @@ if rec[8] and rec[8] ~= '' then
 end
 if status and status ~= '' and status ~= 'active' then return {4, plan} end
 
-local plan_rpm, plan_rpd
-for i = 4, #ARGV, 3 do
+local plan_rpm, plan_rpd, plan_tpm, plan_tpd
+for i = 5, #ARGV, 5 do
   if ARGV[i] == plan then
     plan_rpm, plan_rpd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    plan_tpm, plan_tpd = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     break
   end
 end
 if not plan_rpm then return {7, plan} end
 
-local credits = -1
-if rec[11] and rec[11] ~= '' then credits = whole(rec[11]) or 0 end
+local limited = rec[11] and rec[11] ~= ''
+local credits = 0
+if limited then credits = signed(rec[11]) or 0 end
+local balance_flag = limited and 4 or 0
 local expiry = whole(rec[8]) or 0
 
 local scoped = 0
 if rec[10] and rec[10] ~= '' then
   local ok, scopes = pcall(cjson.decode, rec[10])
   if not ok or type(scopes) ~= 'table' or scopes[1] ~= nil then  -- not a JSON object: deny
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2, expiry}
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2 + balance_flag, expiry}
   end
   local routes, models = list_of_strings(scopes.routes), list_of_strings(scopes.models)
   if #models > 0 then scoped = scoped + 1 end
   if #routes > 0 then scoped = scoped + 2 end
   if #routes > 0 and not route_allowed(routes, ARGV[2]) then
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
+    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
   end
   if #models > 0 then
     local state = ARGV[3]
-    if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry} end
+    if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry} end
     if state ~= '~' then
       if string.sub(state, 1, 1) ~= '=' or #state > 257 then
-        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
+        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
       end
       if not model_allowed(models, string.sub(state, 2)) then
-        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped, expiry}
+        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
       end
     end
   end
 end
-if credits == 0 then return {9, plan, 0, 0, 0, 0, 0, 0, 0, 0, scoped, expiry} end
+if limited and credits <= 0 then
+  return {9, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
+end
 
 local rpm = whole(rec[5]) or plan_rpm
 local rpd = whole(rec[6]) or plan_rpd
+local tpm = whole(rec[12]) or plan_tpm
+local tpd = whole(rec[13]) or plan_tpd
 
--- tokens in the bucket now, and the timestamp to store with them
-local function level(key, cap, window)
+-- tokens in the bucket now, and the timestamp to store with them (`debt`: the bucket may
+-- hold less than zero, as the LLM-token buckets do after a large answer)
+local function level(key, cap, window, debt)
   local b = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens, ts = tonumber(b[1]), tonumber(b[2])
   if not tokens or not ts or tokens ~= tokens or ts ~= ts then return cap, now end
-  if tokens > cap then tokens = cap elseif tokens < 0 then tokens = 0 end
+  local floor = debt and -cap * 1000 or 0  -- a debt of over a thousand windows is garbage
+  if tokens > cap then tokens = cap elseif tokens < floor then tokens = floor end
   if ts > now + window then ts = now + window end
   if now > ts then
     if cap > 0 then tokens = math.min(cap, tokens + (now - ts) * cap / window) end
@@ -206,8 +234,26 @@ local function until_level(tokens, ts, cap, window, target)
   return math.ceil((ts - now) + (target - tokens) * window / cap)
 end
 
-local mt, mts = level(KEYS[2], rpm, MINUTE)
-local dt, dts = level(KEYS[3], rpd, DAY)
+local mt, mts = level(KEYS[2], rpm, MINUTE, false)
+local dt, dts = level(KEYS[3], rpd, DAY, false)
+local flags = scoped + balance_flag
+
+-- the LLM-token buckets, for a key with a token limit: level, and ms until full
+local tmt, tm_full, tdt, td_full = 0, 0, 0, 0
+local tmts, tdts = now, now
+if tpm >= 0 then
+  tmt, tmts = level(KEYS[4], tpm, MINUTE, true)
+  tm_full = until_level(tmt, tmts, tpm, MINUTE, tpm)
+end
+if tpd >= 0 then
+  tdt, tdts = level(KEYS[5], tpd, DAY, true)
+  td_full = until_level(tdt, tdts, tpd, DAY, tpd)
+end
+-- entries 13-18 of the reply: only for a key with a token limit (the others end at 12)
+local function token_fields()
+  if tpm < 0 and tpd < 0 then return end
+  return tpm, tpd, math.floor(tmt + EPS), tm_full, math.floor(tdt + EPS), td_full
+end
 
 if mt < 1 - EPS or dt < 1 - EPS then
   local code, retry = 5, 0
@@ -219,7 +265,23 @@ if mt < 1 - EPS or dt < 1 - EPS then
   end
   return {code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
-    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, scoped, expiry}
+    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
+    token_fields()}
+end
+
+-- tokens: admitted while the bucket is above zero; the wait is until it is again
+if (tpm >= 0 and tmt <= EPS) or (tpd >= 0 and tdt <= EPS) then
+  local code, retry = 12, 0
+  if tpd >= 0 and tdt <= EPS then
+    code, retry = 13, until_level(tdt, tdts, tpd, DAY, EPS * 2) + 1
+  end
+  if tpm >= 0 and tmt <= EPS then
+    retry = math.max(retry, until_level(tmt, tmts, tpm, MINUTE, EPS * 2) + 1)
+  end
+  return {code, plan, rpm, rpd,
+    math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
+    math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
+    token_fields()}
 end
 
 mt, dt = math.max(mt - 1, 0), math.max(dt - 1, 0)
@@ -235,9 +297,10 @@ if whole(rec[9]) then
 else
   redis.call('HSET', KEYS[1], 'requests', 1)
 end
-if credits > 0 then
-  credits = credits - 1
-  redis.call('HSET', KEYS[1], 'credits', credits)
+local price = tonumber(ARGV[4])
+if limited and price > 0 then
+  credits = credits - price
+  redis.call('HSET', KEYS[1], 'credits', string.format('%d', credits))
 end
 return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
-  credits, scoped, expiry}
+  credits, flags, expiry, token_fields()}

@@ -1,15 +1,16 @@
 --[[
-refund.lua: give back the credit of an admitted request the upstream never received (its
-connection could not be made), as DESIGN §5 allows; rate-limit tokens are never refunded.
+refund.lua: give back the request price of an admitted request the upstream never received
+(its connection could not be made); rate-limit tokens are never refunded.
 
 KEYS[1]  edge:key:{kid}   the key record
-ARGV[…]  none
+ARGV[1]  the credits the request was charged (pricing.request)
 
 Reply: the balance after the refund, or -1 when the key has no balance to refund to
-(unlimited, or not a whole number).
+(unlimited, or not a whole number). A balance never passes 999999999999 (see credits.lua).
 ]]
 
 local credits = redis.call('HGET', KEYS[1], 'credits')
-if not credits or #credits > 12 or not string.match(credits, '^%d+$') then return -1 end
-if credits == '999999999999' then return tonumber(credits) end  -- the most a balance holds
-return redis.call('HINCRBY', KEYS[1], 'credits', 1)
+if not credits or #credits > 13 or not string.match(credits, '^%-?%d+$') then return -1 end
+local balance = math.min(tonumber(credits) + tonumber(ARGV[1]), 999999999999)
+redis.call('HSET', KEYS[1], 'credits', string.format('%d', balance))
+return balance
