@@ -1,8 +1,9 @@
 """A model-based property test of admit.lua (hypothesis): random schedules of requests, time
-jumps (state rewinds), limit changes, pauses, rotations, expiries, scopes and credit changes,
-garbage values included, run against a real redis-server and against fakeredis (embedded
-mode), every decision, header value and write compared with a pure-Python reference
-(`tests/support/admit_model.py`, written from the script's header).
+jumps (state rewinds), limit changes, pauses, rotations, expiries, scopes, credit changes and
+settlements (settle.lua, which must never fail after a charge), garbage values included, run
+against a real redis-server and against fakeredis (embedded mode), every decision, header
+value and write compared with a pure-Python reference (`tests/support/admit_model.py`,
+written from the scripts' headers).
 
 Redis time cannot be controlled, so each step reads the record, both buckets and Redis TIME,
 asks the reference what the script must do from that state, runs the script and compares. The
@@ -27,7 +28,7 @@ from edge import keys
 from edge.control.records import text_fields
 from edge.redis import clients as connection
 from edge.redis.scripts import Script
-from tests.support.admit_model import decide, level
+from tests.support.admit_model import decide, level, settle_record
 from tests.support.redis_server import RedisServer
 
 # name → (rpm, rpd, tpm, tpd); -1: no token limit
@@ -80,6 +81,21 @@ change = st.one_of(
         st.sampled_from(["abc", "nan", "1e309", "-5", "-inf", "-30", "-1e9", "0.5", "12"]),
     ),
 )
+# A settlement (settle.lua) of a metered answer: tokens in and out, the cost in micro-credits
+# and the token limits it is charged against; garbage in the fields it reads.
+settlement = st.tuples(
+    st.just("settle"),
+    st.sampled_from([0, 1, 7, 250, 40_000]),
+    st.sampled_from([0, 3, 999, 60_000]),
+    st.sampled_from([0, 1, 999_999, 1_000_000, 2_500_001, 10**12]),
+    st.sampled_from([-1, 0, 40, 5_000]),
+    st.sampled_from([-1, 90]),
+)
+settle_garbage = st.tuples(
+    st.just("field"),
+    st.sampled_from(["tokens", "credit_micros"]),
+    st.sampled_from([None, "abc", "", "-5", "1e3", "9" * 16, "999999", "1000000", "12\n", "7"]),
+)
 # A token bucket in debt (after a large answer was settled), or at a hair above zero.
 debt = st.tuples(
     st.just("debt"), st.sampled_from(["tm", "td"]), st.sampled_from([-5000, -30, -1, 0, 0.5, 3])
@@ -97,7 +113,11 @@ start = st.tuples(
 steps = st.builds(
     lambda first, rest: [first, *rest],
     start,
-    st.lists(st.one_of(request, request, request, change, debt), min_size=10, max_size=80),
+    st.lists(
+        st.one_of(request, request, request, change, debt, settlement, settle_garbage),
+        min_size=10,
+        max_size=80,
+    ),
 )
 
 
@@ -119,6 +139,13 @@ TOKEN_DEBT: list[tuple[Any, ...]] = [
     ("field", "tpm", "2"),
     ("field", "credits", "-3"),
     REQUEST,  # in debt on credits: 402
+    ("field", "credits", "5"),
+    ("field", "credit_micros", "garbage"),
+    ("settle", 40_000, 60_000, 2_500_001, 40, 90),  # both token buckets deep in debt
+    REQUEST,
+    ("field", "tokens", "9" * 16),
+    ("settle", 1, 0, 999_999, -1, -1),
+    REQUEST,
 ]
 
 
@@ -188,6 +215,8 @@ async def run_schedule(client: Any, schedule: list[tuple[Any, ...]]) -> int:
                     "hash": keys.key_hash(k.current),
                 },
             )
+        elif kind == "settle":
+            await check_settle(client, k, *step[1:])
         elif kind == "debt":
             bucket = k.buckets[step[1]]
             await client.hset(bucket, mapping={"tokens": step[2], "ts": await now_ms(client)})
@@ -243,6 +272,35 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
     else:
         after = text_fields(await client.hgetall(k.record))
         assert after == record, "a rejection wrote to the record"
+
+
+async def check_settle(
+    client: Any, k: Key, tokens_in: int, tokens_out: int, cost: int, tpm: int, tpd: int
+) -> None:
+    """One settle.lua call: it never fails, whatever the record holds, and writes what the
+    reference says (the record exactly; each token bucket its level less the tokens used)."""
+    record = text_fields(await client.hgetall(k.record))
+    states = {name: text_fields(await client.hgetall(k.buckets[name])) for name in ("tm", "td")}
+    before = await now_ms(client)
+    ident = f"{before}-{tokens_in}-{tokens_out}-{cost}"
+    reply = await Script("settle")(
+        client, keys.settle_keys(k.kid, ident), (tokens_in, tokens_out, cost, tpm, tpd, 60)
+    )
+    now = await now_ms(client)
+    used = tokens_in + tokens_out
+    want, writes = settle_record(record, used, cost)
+    assert [int(v) for v in reply] == want, f"settle.lua answered {reply} for record={record}"
+    after = text_fields(await client.hgetall(k.record))
+    assert after == {**record, **writes}, f"settle.lua wrote {after} over {record}"
+    for name, cap, window in (("tm", tpm, 60_000), ("td", tpd, 86_400_000)):
+        stored = text_fields(await client.hgetall(k.buckets[name]))
+        if cap < 0:
+            assert stored == states[name], "a bucket without a limit was charged"
+            continue
+        low, _ = level(states[name], cap, window, before, debt=True)
+        high, _ = level(states[name], cap, window, now + SLACK_MS, debt=True)
+        tokens = float(stored["tokens"])
+        assert low - used - 1e-6 <= tokens <= high - used + 1e-6, (stored, states[name], cap)
 
 
 def close(got: list[Any], want: list[Any]) -> bool:

@@ -201,3 +201,27 @@ def decide(
         {"m": (mt, mts), "d": (dt, dts)},
         written,
     )  # fmt: skip
+
+
+ASCII_WHOLE = re.compile(r"[0-9]+")
+ASCII_SIGNED = re.compile(r"-?[0-9]+")
+
+
+def settle_record(record: dict[str, str], used: int, cost: int) -> tuple[list[int], dict[str, str]]:
+    """settle.lua's reply and the record fields it writes, from its header: the token count
+    (added to when it is a whole number of at most 15 digits, else replaced), and for a key
+    with a balance the cost carried in millionths of a credit (garbage read as 0)."""
+    if "hash" not in record:
+        return [1, 0, 0], {}
+    total = record.get("tokens")
+    fine = total is not None and len(total) <= 15 and ASCII_WHOLE.fullmatch(total)
+    writes = {"tokens": str(int(total) + used if fine and total else used)}
+    credits = record.get("credits")
+    if not credits or cost <= 0:
+        return [1, 0, 0], writes
+    balance = int(credits) if len(credits) <= 13 and ASCII_SIGNED.fullmatch(credits) else 0
+    carried = record.get("credit_micros")
+    micros = int(carried) if carried and len(carried) <= 6 and ASCII_WHOLE.fullmatch(carried) else 0
+    charged, micros = divmod(micros + cost, 1_000_000)
+    writes |= {"credits": str(balance - charged), "credit_micros": str(micros)}
+    return [1, charged, balance - charged], writes
