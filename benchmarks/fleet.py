@@ -107,19 +107,29 @@ class Fleet(contextlib.ExitStack):
         self.callback(proxy.stop)
         return Target(name, "nginx proxy_pass (keepalive pool)", proxy.port, proxy.pid)
 
-    def edge(self, upstream_port: int, workers: int = 1, wrapper: tuple[str, ...] = ()) -> Target:
+    def edge(
+        self,
+        upstream_port: int,
+        workers: int = 1,
+        wrapper: tuple[str, ...] = (),
+        access_log: bool = False,
+    ) -> Target:
+        """An edge process; `access_log`: with `log.access` on (its lines go to the log file,
+        as they would to a collector's pipe)."""
         env = edge_env(
             self.redis.url,
             f"http://127.0.0.1:{upstream_port}/v1",
             EDGE_LOG_LEVEL="warning",
+            EDGE_LOG_ACCESS="true" if access_log else "false",
         )
         args = ("--workers", str(workers))
-        name = f"edge-{workers}w"
+        name = f"edge-{workers}w" + ("-access" if access_log else "")
         proc = EdgeProcess(self.dir, env, name, args, wrapper).start(timeout=300 if wrapper else 60)
         self.callback(proc.stop)
         return Target(
-            f"edge-{workers}w",
-            f"edge, {workers} worker{'s' if workers > 1 else ''}",
+            name,
+            f"edge, {workers} worker{'s' if workers > 1 else ''}"
+            + (", access log on" if access_log else ""),
             proc.port,
             proc.pid,
             key=self.key,

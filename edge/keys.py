@@ -135,6 +135,17 @@ def settle_keys(kid: str, settlement: str) -> tuple[str, str, str, str]:
     return base, base + ":tm", base + ":td", f"{base}:s:{settlement}"
 
 
+def usage_day_key(kid: str, date: str) -> str:
+    """The usage history of `kid` for one UTC day (`date`: YYYY-MM-DD), written by the scripts
+    (lua/include/usage.lua) under the record's hash tag."""
+    return f"{record_key(kid)}:day:{date}"
+
+
+def usage_hour_key(kid: str, hour: str) -> str:
+    """The usage history of `kid` for one UTC hour (`hour`: YYYY-MM-DDTHH)."""
+    return f"{record_key(kid)}:hour:{hour}"
+
+
 RECORD_PREFIX = "edge:key:{"
 RECORD_PATTERN = RECORD_PREFIX + "*}"
 _KID = re.compile(f"[0-9A-Za-z]{{{KID_LEN}}}")

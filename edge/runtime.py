@@ -16,6 +16,7 @@ from edge.control.specs import NewKey
 from edge.control.store import KeyStore
 from edge.keys import KeyFormat
 from edge.metrics.registry import Metrics
+from edge.proxy.access import AccessLog
 from edge.proxy.admission import Limiter
 from edge.proxy.metering import Pricing
 from edge.proxy.settlement import Settler
@@ -42,6 +43,7 @@ class Runtime:
     store: KeyStore
     pricing: Pricing
     settler: Settler
+    access: AccessLog | None  # the access log, when `log.access` is on
     demo_key: str | None = None
 
 
@@ -78,10 +80,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         metrics = Metrics(settings.plans)
         metrics.start_flushing()
         stack.callback(metrics.stop_flushing)
-        limiter = Limiter(hot, scripts, settings.plans, metrics, settings.pricing.request)
+        limiter = Limiter(
+            hot, scripts, settings.plans, metrics, settings.pricing.request,
+            settings.usage.retention_days,
+        )  # fmt: skip
         pricing = Pricing(settings.pricing)
         settler = Settler(limiter, pricing, metrics)
         stack.push_async_callback(settler.close)  # before Redis closes: pending settlements
+        access = None
+        if settings.log.access:
+            access = AccessLog(redis)
+            access.start()
+            stack.push_async_callback(access.close)  # after the last request's line
         yield Runtime(
             settings=settings,
             redis=redis,
@@ -94,6 +104,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             store=KeyStore(redis, scripts, settings),
             pricing=pricing,
             settler=settler,
+            access=access,
         )
 
 

@@ -177,6 +177,7 @@ class AdminSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    access: bool = False  # one JSON line per /v1 request on the `edge.access` logger
 
     @field_validator("level", mode="before")
     @classmethod
@@ -232,6 +233,10 @@ class MeteringSettings(_Section):
     stream_usage: Literal["inject", "client"] = "inject"
 
 
+class UsageSettings(_Section):
+    retention_days: Annotated[int, Field(ge=1, le=3_650)] = 90  # per-key daily usage history
+
+
 PlanName = Annotated[str, StringConstraints(pattern=PLAN_NAME)]
 
 
@@ -255,6 +260,7 @@ class Settings(_Section):
     )
     pricing: PricingSettings = PricingSettings()
     metering: MeteringSettings = MeteringSettings()
+    usage: UsageSettings = UsageSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -290,6 +296,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "log": LogSettings,
     "pricing": PricingSettings,
     "metering": MeteringSettings,
+    "usage": UsageSettings,
 }
 Overrides = Mapping[str, Mapping[str, Any]]
 
@@ -389,7 +396,15 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> 
         if loc and loc[-1] in ("[key]", "str") and error["type"] == "string_pattern_mismatch":
             loc = loc[:-1]
         dotted = ".".join(loc) or "config"
-        source = origins.get(dotted, default)
+        # an item of a list set by the environment (server.trusted_proxies.0) came from it
+        source = next(
+            (
+                origins[".".join(loc[:n])]
+                for n in range(len(loc), 0, -1)
+                if ".".join(loc[:n]) in origins
+            ),
+            default,
+        )
         message = error_message(error)
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_HELP.get(loc[0], message)

@@ -57,6 +57,8 @@ RECORD_FIELDS = {
     "scopes",
     "rotated",
     "previous_key_valid_until",
+    "previous_key_requests",
+    "previous_key_last_used",
     "day_used",
 }
 UNKNOWN_KID = "A" * 12  # well-formed, never issued

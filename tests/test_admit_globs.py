@@ -46,7 +46,7 @@ async def verdict(client: Any, glob: str, model: str) -> int:
     )  # fmt: skip
     script = Scripts().admit
     reply = await script(
-        client, keys.admit_keys(kid), [keys.key_hash(KEY), "x", "=" + model, 1, *PLANS]
+        client, keys.admit_keys(kid), [keys.key_hash(KEY), "x", "=" + model, 1, 90, *PLANS]
     )
     await client.delete(*keys.admit_keys(kid))
     return int(reply[0])

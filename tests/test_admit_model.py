@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from tests.support.redis_server import RedisServer
 # name → (rpm, rpd, tpm, tpd); -1: no token limit
 PLANS = {"free": (20, 1000, -1, -1), "tiny": (2, 5, 40, 90), "big": (600, 100_000, 5_000, -1)}
 PLAN_ARGS = [x for name, limits in PLANS.items() for x in (name, *limits)]
+RETENTION_DAYS = 90
 BUCKETS = ("m", "d", "tm", "td")
 SLACK_MS = 25  # how much later the script's clock may be than the one read before it
 ROUTES = ["chat/completions", "embeddings", "models", "models/gpt-4o", "files/x"]
@@ -245,7 +247,8 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
     record = text_fields(await client.hgetall(k.record))
     buckets = {name: text_fields(await client.hgetall(b)) for name, b in k.buckets.items()}
     before = await now_ms(client)
-    args = (keys.key_hash(presented), route, model, k.price, *PLAN_ARGS)
+    history = await usage(client, k, before)
+    args = (keys.key_hash(presented), route, model, k.price, RETENTION_DAYS, *PLAN_ARGS)
     reply = [int(v) if isinstance(v, int) else v.decode() for v in await admit(
         client, k.keys, args
     )]  # fmt: skip
@@ -258,8 +261,9 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
     expected = reference(before)
     if reply != expected:
         # The script read Redis time somewhere between the two readings (a loaded machine can
-        # stall this process between them): compare with the reference at every SLACK_MS step.
-        moments = range(before + SLACK_MS, max(after, before + SLACK_MS) + 1, SLACK_MS)
+        # stall this process between them): compare with the reference at every ms of them
+        # (a token bucket refilling at 5,000 a minute gains a whole token in 12 ms).
+        moments = range(before + 1, max(after, before + SLACK_MS) + 1)
         laters = [reference(t) for t in moments]
         assert close(reply, expected) or any(close(reply, r) for r in laters), (
             f"admit.lua answered {reply}, the reference {expected} (or {laters}) "
@@ -270,8 +274,75 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
     if reply[0] == 0:
         await check_writes(client, k, record, buckets["m"], buckets["d"], reply)
     else:
-        after = text_fields(await client.hgetall(k.record))
-        assert after == record, "a rejection wrote to the record"
+        written = text_fields(await client.hgetall(k.record))
+        kept = {n: v for n, v in written.items() if n not in PREVIOUS_KEY_FIELDS}
+        assert kept == {n: v for n, v in record.items() if n not in PREVIOUS_KEY_FIELDS}, (
+            "a rejection wrote to the record"
+        )
+    await check_previous_key(client, k, record, who, reply[0], after)
+    await check_usage(client, k, history, before, after, reply, k.price)
+
+
+PREVIOUS_KEY_FIELDS = ("previous_key_requests", "previous_key_last_used")
+RATE_LIMITED, REJECTED = {5, 6, 12, 13}, {2, 3, 4, 7, 8, 9, 11}
+
+
+async def usage(client: Any, k: Key, ms: int) -> tuple[str, str, dict[str, str], dict[str, str]]:
+    """The day and hour usage hashes of the key at Redis time `ms`: names and contents."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    day = keys.usage_day_key(k.kid, moment.strftime("%Y-%m-%d"))
+    hour = keys.usage_hour_key(k.kid, moment.strftime("%Y-%m-%dT%H"))
+    return (
+        day,
+        hour,
+        text_fields(await client.hgetall(day)),
+        text_fields(await client.hgetall(hour)),
+    )
+
+
+async def check_usage(
+    client: Any, k: Key, history: tuple[str, str, dict[str, str], dict[str, str]],
+    before: int, after: int, reply: list[Any], price: int,
+) -> None:  # fmt: skip
+    """An answer to an authenticated key counts once in its day and hour, by its outcome."""
+    day, hour, day_was, hour_was = history
+    then = await usage(client, k, after)
+    if then[:2] != (day, hour):
+        return  # the hour turned during the call: which one counted is the script's clock
+    code = reply[0]
+    field = (
+        "requests" if code == 0 else "rate_limited" if code in RATE_LIMITED
+        else "rejected" if code in REJECTED else None
+    )  # fmt: skip
+    spent = price if code == 0 and reply[10] & 4 and price > 0 else 0
+    for was, now in ((day_was, then[2]), (hour_was, then[3])):
+        want = dict(was)
+        for name, n in ((field, 1), ("credits", spent)):
+            if name is not None and n:
+                old = was.get(name)
+                want[name] = str(int(old) + n if old and old.lstrip("-").isdigit() else n)
+        assert now == want, f"usage after answer {code}: {now}, expected {want}"
+    if field is not None:
+        day_end = (before // 86_400_000 + 1) * 86_400
+        ttl = await client.ttl(day)
+        assert 0 < ttl <= day_end + RETENTION_DAYS * 86_400 - before // 1000 + 1
+        assert 0 < await client.ttl(hour) <= 49 * 3600
+
+
+async def check_previous_key(
+    client: Any, k: Key, record: dict[str, str], who: str, code: int, after: int
+) -> None:
+    """Every answer to the previous secret but 1 and 10 counts in the record."""
+    written = text_fields(await client.hgetall(k.record))
+    counted = who == "old" and code not in (1, 10)
+    old = record.get("previous_key_requests")
+    if not counted:
+        assert written.get("previous_key_requests") == old
+        return
+    want = str(int(old) + 1) if old and old.isdigit() and len(old) <= 12 else "1"
+    assert written.get("previous_key_requests") == want
+    used = int(written["previous_key_last_used"])
+    assert abs(used - after // 1000) <= 1
 
 
 async def check_settle(
@@ -284,7 +355,7 @@ async def check_settle(
     before = await now_ms(client)
     ident = f"{before}-{tokens_in}-{tokens_out}-{cost}"
     reply = await Script("settle")(
-        client, keys.settle_keys(k.kid, ident), (tokens_in, tokens_out, cost, tpm, tpd, 60)
+        client, keys.settle_keys(k.kid, ident), (tokens_in, tokens_out, cost, tpm, tpd, 60, 90)
     )
     now = await now_ms(client)
     used = tokens_in + tokens_out

@@ -32,7 +32,7 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
     png = json_file.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
-    names = {"direct", "nginx", "edge-1w", "edge-1w-metered", "edge-2w"}
+    names = {"direct", "nginx", "edge-1w", "edge-1w-metered", "edge-1w-access", "edge-2w"}
     load = {(r["target"], r["connections"]): r for r in results["load"]}
     assert set(load) == {(n, c) for n in names for c in (1, 32, 128)}
     for (name, _), row in load.items():
@@ -46,6 +46,8 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
     # a metered key: the admission, and its settlement after the answer (a late one may miss
     # the count)
     assert 1.9 <= load[("edge-1w-metered", 1)]["redis_cmds_per_req"] <= 2.0
+    # the access log looks a key's owner up once a minute, never per request
+    assert 1.0 <= load[("edge-1w-access", 1)]["redis_cmds_per_req"] <= 1.01
 
     streams = {(r["target"], r["streams"]): r for r in results["streams"]}
     assert set(streams) == {(n, s) for n in ("direct", "nginx", "edge-1w") for s in (1, 50)}

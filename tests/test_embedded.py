@@ -87,7 +87,9 @@ async def admit_script_run(client: Any) -> list[tuple[Any, ...]]:
     async def call(
         presented: str, kid_keys: tuple[str, ...], route: str = "models", model: str = ""
     ) -> tuple[Any, ...]:
-        reply = await admit(client, kid_keys, (keys.key_hash(presented), route, model, 1, *plans))
+        reply = await admit(
+            client, kid_keys, (keys.key_hash(presented), route, model, 1, 90, *plans)
+        )
         d = decode(reply)
         return (
             d.code,

@@ -52,10 +52,25 @@ def test_every_script_name_has_a_file() -> None:
     assert set(SCRIPT_NAMES) <= set(lua_files())
 
 
+INCLUDES = sorted(
+    p.name[: -len(".lua")] for p in LUA_DIR.joinpath("include").iterdir() if p.name.endswith(".lua")
+)
+
+
+def expanded(name: str) -> str:
+    """A script's file with its `--#include` lines replaced by the shared parts they name."""
+    text = LUA_DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    for part in INCLUDES:
+        shared = LUA_DIR.joinpath("include", f"{part}.lua").read_text(encoding="utf-8")
+        text = text.replace(f"--#include {part}\n", shared.rstrip() + "\n")
+    return text
+
+
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_script_loads_from_package_with_header(name: str, r: redis.Redis) -> None:
     source = read_source(name)
-    assert source == LUA_DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    assert source == expanded(name)
+    assert "--#include" not in source, f"{name}.lua includes a part that does not exist"
     assert source.strip(), f"{name}.lua is empty"
 
     header = header_block(source)
@@ -74,8 +89,8 @@ def test_pyproject_package_data_covers_lua() -> None:
     with (REPO / "pyproject.toml").open("rb") as f:
         project = tomllib.load(f)
     patterns = project["tool"]["setuptools"]["package-data"]["edge.redis"]
-    for name in ALL_SCRIPTS:
-        path = f"lua/{name}.lua"
+    paths = [f"lua/{name}.lua" for name in ALL_SCRIPTS] + [f"lua/include/{n}.lua" for n in INCLUDES]
+    for path in paths:
         assert any(fnmatch.fnmatch(path, p) for p in patterns), f"{path} is not package data"
 
 
@@ -133,4 +148,8 @@ def test_wheel_contains_lua_scripts(tmp_path: Path) -> None:
         for name in ALL_SCRIPTS:
             member = f"edge/redis/lua/{name}.lua"
             assert member in names, f"{member} is missing from {wheel.name}"
-            assert zf.read(member).decode("utf-8") == read_source(name)
+            text = LUA_DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+            assert zf.read(member).decode("utf-8") == text
+        for part in INCLUDES:
+            member = f"edge/redis/lua/include/{part}.lua"
+            assert member in names, f"{member} is missing from {wheel.name}"

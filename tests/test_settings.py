@@ -86,6 +86,10 @@ def test_command_line_overrides_are_validated_too() -> None:
         ({"EDGE_SERVER_KEEPALIVE_TIMEOUT": "0.5"}, "server.keepalive_timeout"),
         ({"EDGE_SERVER_DRAIN_TIMEOUT": "true"}, "server.drain_timeout"),
         ({"EDGE_REDIS_TIMEOUT": "-1"}, "redis.timeout (EDGE_REDIS_TIMEOUT)"),
+        # an item of a list is named by the variable the list came from
+        ({"EDGE_SERVER_TRUSTED_PROXIES": "10.0.0.0/8,nope"}, "(EDGE_SERVER_TRUSTED_PROXIES)"),
+        ({"EDGE_USAGE_RETENTION_DAYS": "0"}, "usage.retention_days (EDGE_USAGE_RETENTION_DAYS)"),
+        ({"EDGE_LOG_ACCESS": "maybe"}, "log.access (EDGE_LOG_ACCESS)"),
         ({"EDGE_REDIS_TIMEOUT": "nan"}, "redis.timeout"),
         ({"EDGE_REDIS_URL": "http://x"}, "redis.url (EDGE_REDIS_URL)"),
         ({"EDGE_REDIS_URL": "redis://127.0.0.1:99999/0"}, "Port out of range"),

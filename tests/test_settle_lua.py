@@ -39,7 +39,7 @@ async def settle(
     script = Script("settle")
     ident = settlement or secrets.token_hex(8)
     reply = await script(
-        client, keys.settle_keys(kid, ident), [tokens_in, tokens_out, cost, tpm, tpd, 60]
+        client, keys.settle_keys(kid, ident), [tokens_in, tokens_out, cost, tpm, tpd, 60, 90]
     )
     return [int(v) for v in reply]
 

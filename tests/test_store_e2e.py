@@ -78,3 +78,25 @@ def test_first_listing_indexes_old_records_once(redis_factory) -> None:
     assert ids[0] == legacy_kid  # oldest first: created at 1
     mine = store_call(server.url, lambda s: s.all_keys("idx"))
     assert len(mine) == 4
+
+
+def test_one_key_s_audit_entries_are_found_past_the_first_scan_step(redis_factory) -> None:
+    """`GET /admin/audit?key=`: the stream is read back SCAN_STEP entries at a time; a key's
+    entries older than the first step are still found, newest first, `limit` at most."""
+    from edge.control.audit import SCAN_STEP
+
+    server: RedisServer = redis_factory()
+
+    async def scenario(store) -> tuple[list[dict], str | None, list[dict], str | None]:
+        mine = new_kid()
+        for i in range(3):
+            await store.audit.record("update", mine, "", "test", {"n": i})
+        for i in range(SCAN_STEP + 50):
+            await store.audit.record("update", new_kid(), "", "test", {"n": i})
+        first, cursor = await store.audit.page(None, 2, mine)
+        rest, after = await store.audit.page(cursor, 2, mine)
+        return first, cursor, rest, after
+
+    first, cursor, rest, after = store_call(server.url, scenario)
+    assert [e["changes"]["n"] for e in first] == [2, 1] and cursor == first[-1]["id"]
+    assert [e["changes"]["n"] for e in rest] == [0] and after is None

@@ -1,4 +1,4 @@
-"""The `edge` command: `serve`, `keys …`, `plans` and `audit`.
+"""The `edge` command: `serve`, `keys …` (`usage` too), `plans`, `pricing` and `audit`.
 
 Key commands build the same validated request models as the admin API (`key_specs`) and call
 the same store functions, audited with the actor `cli`. Errors go to stderr as one line with a
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,7 @@ from edge.cli.parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, bui
 from edge.control.records import plan_rows, pricing_rows
 from edge.control.specs import AuditQuery, KeyUpdate, NewKey, Rotation, explain
 from edge.control.store import KeyStore, StoreError
+from edge.control.usage import MAX_DAY_ROWS, total
 from edge.errors import RedisUnavailable
 from edge.redis import clients as connection
 from edge.redis.scripts import Scripts
@@ -156,6 +158,8 @@ async def _key_action(store: KeyStore, args: argparse.Namespace) -> int:
         grace = _spec(Rotation, store, {"grace_seconds": args.grace}).grace_seconds
         key, record = await store.rotate(args.id, grace, ACTOR)
         out.record_with_key(key, record, args.json)
+    elif action == "usage":
+        await _usage(store, args)
     elif action == "list":
         records = await store.all_keys(args.owner)
         records = [r for r in records if args.status in (None, r.status)]
@@ -202,6 +206,34 @@ def _update_fields(args: argparse.Namespace) -> dict[str, Any]:
     if not fields:
         raise BadValue("nothing to change: give at least one of the update flags")
     return fields
+
+
+async def _usage(store: KeyStore, args: argparse.Namespace) -> None:
+    """`edge keys usage <id>`: the last --days days (or 48 hours) as the admin API gives them."""
+    if not 1 <= args.days <= MAX_DAY_ROWS:
+        raise BadValue(f"--days: must be 1 to {MAX_DAY_ROWS}")
+    record = await store.get(args.id)
+    granularity = "hour" if args.hours else "day"
+    if args.hours:
+        rows = await store.usage.last_hours(record.id)
+    else:
+        today = await store.usage.today()
+        first = today - timedelta(days=args.days - 1)
+        [rows] = await store.usage.of_keys([record.id], first, today, "day")
+    totals = total(rows)
+    if args.json:
+        out.print_json(
+            {"key": record.id, "granularity": granularity, "data": rows, "totals": totals}
+        )
+        return
+    out.usage(rows, totals, args.hours)
+    if record.previous_key_valid_until is not None:
+        used = record.previous_key_last_used
+        print(
+            f"\nprevious secret: valid until {out.timestamp(record.previous_key_valid_until)}, "
+            f"{record.previous_key_requests:,} requests since the rotation, last used "
+            f"{out.timestamp(used) if used is not None else 'never'}"
+        )
 
 
 async def _audit(store: KeyStore, args: argparse.Namespace) -> int:

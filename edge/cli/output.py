@@ -10,7 +10,10 @@ import orjson
 
 from edge.control.records import KeyRecord
 
-TIMES = ("created", "expires", "last_used", "rotated", "previous_key_valid_until", "time")
+TIMES = (
+    "created", "expires", "last_used", "rotated", "previous_key_valid_until",
+    "previous_key_last_used", "time",
+)  # fmt: skip
 LIST_COLUMNS = [
     "id", "name", "owner", "plan", "status", "rpm", "rpd", "tpm", "tpd", "credits", "requests",
     "tokens", "last_used",
@@ -73,3 +76,19 @@ def record_with_key(key: str, rec: KeyRecord, as_json: bool) -> None:
 def fail(message: str, code: int) -> int:
     print(f"edge: {message}", file=sys.stderr)
     return code
+
+
+USAGE_COLUMNS = [
+    "start", "requests", "rate_limited", "rejected", "input_tokens", "output_tokens", "credits",
+]  # fmt: skip
+
+
+def usage(rows: list[dict[str, Any]], totals: dict[str, Any], hours: bool) -> None:
+    """Usage rows as a table, people's numbers (50,000), a total line at the end."""
+    cut = 16 if hours else 10  # 2026-12-04T13:00 or 2026-12-04
+    shown = [
+        {"start": r["start"][:cut].replace("T", " "), **{c: f"{r[c]:,}" for c in USAGE_COLUMNS[1:]}}
+        for r in rows
+    ]
+    shown.append({"start": "total", **{c: f"{totals[c]:,}" for c in USAGE_COLUMNS[1:]}})
+    table(shown, USAGE_COLUMNS)

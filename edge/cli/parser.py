@@ -127,6 +127,10 @@ def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> N
     _scope_flags(update)
     update.add_argument("--no-scopes", action="store_true", help="lift every scope")
 
+    usage = ksub.add_parser("usage", parents=[common], help="a key's usage, by UTC day or hour")
+    usage.add_argument("id")
+    usage.add_argument("--days", type=int, default=30, help="days up to today (default 30)")
+    usage.add_argument("--hours", action="store_true", help="by hour, the last 48 hours")
     credits = ksub.add_parser("credits", parents=[common], help="top up (or take) credits")
     credits.add_argument("id")
     credits.add_argument("--add", type=int, required=True, metavar="N", help="may be negative")

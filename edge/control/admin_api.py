@@ -13,9 +13,12 @@ the record; every answer, errors included, is JSON in OpenAI's error shape.
     POST   /admin/keys/{id}/pause|resume|revoke
     POST   /admin/keys/{id}/rotate     {grace_seconds} → the record plus the new `key`
     POST   /admin/keys/{id}/credits    {delta}: atomic, never below 0
+    GET    /admin/keys/{id}/usage      ?from=&to=&granularity=day|hour → {data, totals}
+    GET    /admin/usage                ?owner=&from=&to=&granularity= → summed over keys
+    GET    /admin/usage/top            ?date=&limit= → the busiest keys of a day
     GET    /admin/plans                the plan table
     GET    /admin/pricing              credits per request, and per million tokens by model
-    GET    /admin/audit                ?cursor=&limit= → {data, next_cursor}, newest first
+    GET    /admin/audit                ?cursor=&limit=&key= → {data, next_cursor}, newest first
     GET    /admin/                     the dashboard (static files from edge/control/admin_ui)
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import date
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -44,9 +48,12 @@ from edge.control.specs import (
     ListQuery,
     NewKey,
     Rotation,
+    TopQuery,
+    UsageQuery,
     explain,
 )
 from edge.control.store import Conflict, KeyNotFound, KeyStore, StoreError
+from edge.control.usage import summed, total, zeros
 from edge.errors import RedisUnavailable
 from edge.settings import Settings
 
@@ -82,6 +89,9 @@ class AdminApi:
                 Route("/keys/{id}/revoke", self._wrap(status("revoked")), methods=["POST"]),
                 Route("/keys/{id}/rotate", self._wrap(rotate), methods=["POST"]),
                 Route("/keys/{id}/credits", self._wrap(credits), methods=["POST"]),
+                Route("/keys/{id}/usage", self._wrap(key_usage), methods=["GET"]),
+                Route("/usage", self._wrap(usage_sum), methods=["GET"]),
+                Route("/usage/top", self._wrap(usage_top), methods=["GET"]),
                 Route("/plans", self._wrap(plans), methods=["GET"]),
                 Route("/pricing", self._wrap(pricing), methods=["GET"]),
                 Route("/audit", self._wrap(audit), methods=["GET"]),
@@ -229,6 +239,63 @@ async def credits(request: Request, store: KeyStore) -> Response:
     return record(await store.add_credits(request.path_params["id"], change.delta, actor(request)))
 
 
+async def _span(query: UsageQuery, store: KeyStore) -> tuple[date, date]:
+    try:
+        return query.span(await store.usage.today())
+    except ValueError as exc:
+        raise errors.Unprocessable(str(exc), param="from") from None
+
+
+def _history(query: UsageQuery, first: date, last: date, rows: list[dict[str, Any]]) -> Any:
+    return {
+        "object": "list",
+        "granularity": query.granularity,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "data": rows,
+        "totals": total(rows),
+    }
+
+
+async def key_usage(request: Request, store: KeyStore) -> Response:
+    query = query_of(request, UsageQuery)
+    if query.owner is not None:
+        raise errors.Unprocessable("owner: unknown field", param="owner")
+    rec = await store.get(request.path_params["id"])
+    first, last = await _span(query, store)
+    [rows] = await store.usage.of_keys([rec.id], first, last, query.granularity)
+    return json({"key": rec.id, **_history(query, first, last, rows)})
+
+
+async def usage_sum(request: Request, store: KeyStore) -> Response:
+    query = query_of(request, UsageQuery)
+    first, last = await _span(query, store)
+    owner = query.owner or None  # `?owner=` (empty): every key
+    kids = [rec.id for rec in await store.all_keys(owner)]
+    per_key = await store.usage.of_keys(kids, first, last, query.granularity)
+    rows = summed(per_key) if kids else zeros(first, last, query.granularity)
+    summary = {"owner": owner, "keys": len(kids)}
+    return json({**summary, **_history(query, first, last, rows)})
+
+
+async def usage_top(request: Request, store: KeyStore) -> Response:
+    query = query_of(request, TopQuery)
+    day = query.day or await store.usage.today()
+    records = await store.all_keys()
+    per_key = await store.usage.of_keys([r.id for r in records], day, day, "day")
+    ranked = sorted(
+        ((rows[0], rec) for rows, rec in zip(per_key, records, strict=True) if any(
+            rows[0][name] for name in ("requests", "rate_limited", "rejected")
+        )),
+        key=lambda pair: (-pair[0]["requests"], -pair[0]["credits"]),
+    )  # fmt: skip
+    data = [
+        {"id": rec.id, "name": rec.name, "owner": rec.owner, "plan": rec.plan, **row}
+        for row, rec in ranked[: query.limit]
+    ]
+    return json({"object": "list", "date": day.isoformat(), "data": data})
+
+
 async def plans(request: Request, store: KeyStore) -> Response:
     return json({"object": "list", "data": plan_rows(store.settings)})
 
@@ -240,7 +307,7 @@ async def pricing(request: Request, store: KeyStore) -> Response:
 async def audit(request: Request, store: KeyStore) -> Response:
     query = query_of(request, AuditQuery)
     try:
-        entries, cursor = await store.audit.page(query.cursor, query.limit)
+        entries, cursor = await store.audit.page(query.cursor, query.limit, query.key)
     except ValueError as exc:
         raise errors.Unprocessable(f"cursor: {exc}", param="cursor") from None
     return json({"object": "list", "data": entries, "next_cursor": cursor})

@@ -21,6 +21,7 @@ from edge.redis.types import StoreClient
 
 AUDIT_KEY = "edge:audit"
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+SCAN_STEP = 500  # entries read at a time when looking for one key's
 log = logging.getLogger("edge.control.audit")
 
 
@@ -47,15 +48,29 @@ class Audit:
         line = {"id": text, "action": action, "key": kid, "owner": owner, "actor": actor}
         log.info("%s", orjson.dumps({**line, "changes": changes}).decode())
 
-    async def page(self, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        """Entries newest first, from just before `cursor` (an entry id); and the next cursor."""
+    async def page(
+        self, cursor: str | None, limit: int, key: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Entries newest first, from just before `cursor` (an entry id); and the next cursor.
+        With `key`, only that key's: the stream is read back SCAN_STEP entries at a time until
+        `limit` are found (it holds at most `admin.audit_max`)."""
         if cursor is not None and not ENTRY_ID.match(cursor):
             raise ValueError("not a cursor edge returned")
         high = f"({cursor}" if cursor else "+"
-        with redis_errors("reading the audit log"):
-            raw = await self.client.xrevrange(AUDIT_KEY, high, "-", count=limit)
-        entries = [_entry(entry_id, fields) for entry_id, fields in raw]
-        return entries, (entries[-1]["id"] if len(entries) == limit else None)
+        step = limit if key is None else max(limit, SCAN_STEP)
+        entries: list[dict[str, Any]] = []
+        while True:
+            with redis_errors("reading the audit log"):
+                raw = await self.client.xrevrange(AUDIT_KEY, high, "-", count=step)
+            for entry_id, fields in raw:
+                entry = _entry(entry_id, fields)
+                if key is None or entry["key"] == key:
+                    entries.append(entry)
+                    if len(entries) == limit:
+                        return entries, entry["id"]
+            if len(raw) < step:
+                return entries, None
+            high = f"({_entry(*raw[-1])['id']}"
 
 
 def _entry(entry_id: Any, raw: dict[Any, Any]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class KeyRecord:
     scopes: dict[str, Any] | None  # {"routes": [...], "models": [...]}; None: no restriction
     rotated: int | None
     previous_key_valid_until: int | None
+    previous_key_requests: int  # answers to the previous secret since the last rotation
+    previous_key_last_used: int | None
     day_used: int = 0  # requests the day bucket holds back now: "today" against rpd
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +91,8 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
         scopes=_scopes(f.get("scopes")),
         rotated=_int(f.get("rotated")),
         previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
+        previous_key_requests=_int(f.get("previous_key_requests")) or 0,
+        previous_key_last_used=_int(f.get("previous_key_last_used")),
     )
 
 

@@ -9,7 +9,8 @@ is configuration, so it is checked with the plans passed as validation context.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from datetime import date, timedelta
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -177,6 +178,39 @@ class ListQuery(_Spec):
 class AuditQuery(_Spec):
     cursor: str | None = None
     limit: PageSize = 50
+    key: Annotated[str, Field(pattern=r"^[0-9A-Za-z]{12}$")] | None = None  # one key's entries
+
+
+UsageDate = Annotated[date, Field(ge=date(2000, 1, 1), le=date(9999, 12, 30), strict=False)]
+
+
+class UsageQuery(_Spec):
+    """`?from=YYYY-MM-DD&to=YYYY-MM-DD&granularity=day|hour` (and `owner` where it applies):
+    by default the last 30 days, or for hours the last 2 days (today and yesterday, UTC)."""
+
+    first: UsageDate | None = Field(None, alias="from")
+    last: UsageDate | None = Field(None, alias="to")
+    granularity: Literal["day", "hour"] = "day"
+    owner: Text | None = None
+
+    def span(self, today: date) -> tuple[date, date]:
+        """The dates asked for, both included; ValueError when they make no range edge gives."""
+        last = self.last or today
+        days = 30 if self.granularity == "day" else 2
+        first = self.first or last - timedelta(days=days - 1)
+        if first > last:
+            raise ValueError("from: must not be after to")
+        most = 366 if self.granularity == "day" else 7
+        if (last - first).days + 1 > most:
+            raise ValueError(f"from: at most {most} days per call by {self.granularity}")
+        return first, last
+
+
+class TopQuery(_Spec):
+    """`?date=YYYY-MM-DD&limit=N`: the busiest keys of one UTC day (default today)."""
+
+    day: UsageDate | None = Field(None, alias="date")
+    limit: Annotated[int, Field(ge=1, le=100, strict=False)] = 10
 
 
 def explain(exc: ValidationError) -> tuple[str, str | None]:

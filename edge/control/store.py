@@ -21,6 +21,7 @@ from edge.control.audit import Audit
 from edge.control.owners import STALE_SECONDS, Owners, keys_key
 from edge.control.records import KeyRecord, decode_record
 from edge.control.specs import MAX_CREDITS, KeyUpdate, NewKey, Scopes, changed_fields
+from edge.control.usage import UsageHistory
 from edge.keys import KID_LEN, bucket_keys, key_hash, make_key, new_kid, record_key
 from edge.redis.buckets import DAY_MS, bucket_used
 from edge.redis.failures import redis_errors
@@ -79,6 +80,7 @@ class KeyStore:
         self.settings = settings
         self.owners = Owners(client, scripts.reserve, settings.keys.max_per_owner)
         self.audit = Audit(client, settings.admin.audit_max)
+        self.usage = UsageHistory(client)
         self.on_change: list[Callable[[str], None]] = []
 
     def _changed(self, kid: str) -> None:

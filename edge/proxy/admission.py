@@ -135,15 +135,17 @@ class Limiter:
         plans: Mapping[str, Plan],
         metrics: Metrics,
         request_price: int = 1,
+        retention_days: int = 90,
     ) -> None:
         self.client = client
         self.plan_args = plan_args(plans)
         self.metrics = metrics
         self.request_price = request_price
         noscript = metrics.redis_error["noscript"].inc
-        self._admit = scripts.admit.bind(client, [request_price, *self.plan_args], noscript)
-        self._refund = scripts.refund.bind(client, (request_price,), noscript)
-        self._settle = scripts.settle.bind(client, (), noscript)
+        fixed = [request_price, retention_days, *self.plan_args]  # admit.lua's ARGV[4...]
+        self._admit = scripts.admit.bind(client, fixed, noscript)
+        self._refund = scripts.refund.bind(client, (request_price, retention_days), noscript)
+        self._settle = scripts.settle.bind(client, (retention_days,), noscript)
 
     async def admit(self, key: ParsedKey, route: str, model: str = MODEL_NOT_READ) -> Decision:
         """One admission for `key` on `route` (the path after /v1/); `model` as `model_state`

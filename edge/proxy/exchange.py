@@ -37,6 +37,24 @@ class ClientGone(Exception):
     """The client disconnected while its body was streaming up."""
 
 
+class AccessNote:
+    """What the request path learns for the access line as it goes (only when the access log
+    is on: `access.py`)."""
+
+    __slots__ = (
+        "model", "plan", "request_bytes", "response_bytes", "tokens", "ttfb", "upstream_id",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.plan: str | None = None  # the key's plan, once it proved itself (authenticated)
+        self.model: str | None = None
+        self.request_bytes: int | None = None  # as sent upstream
+        self.ttfb: float | None = None  # seconds
+        self.upstream_id: str | None = None
+        self.response_bytes = 0
+        self.tokens: tuple[int, int] | None = None  # input, output (metered requests)
+
+
 class Exchange:
     __slots__ = (
         "body_problem",
@@ -44,7 +62,9 @@ class Exchange:
         "decision",
         "early_body",
         "finished",
+        "kid",
         "link",
+        "note",
         "outcome",
         "plan",
         "rate_headers",
@@ -54,6 +74,7 @@ class Exchange:
         "spooled_length",
         "start",
         "started",
+        "status",
         "task",
         "too_large",
     )
@@ -70,6 +91,9 @@ class Exchange:
         self.decision: Decision | None = None
         self.rate_headers: Headers = []
         self.started = False  # response headers sent
+        self.status = 0  # the status sent, once known
+        self.kid: str | None = None  # the presented key's id, once parsed
+        self.note: AccessNote | None = None  # what the access log needs, when it is on
         self.finished = False
         self.client_gone = False
         self.too_large = False
@@ -92,6 +116,9 @@ class Exchange:
         connection closes after the answer: a refused client (a stranger, perhaps) never gets
         to make edge read, hold or parse its upload."""
         self.outcome = outcome
+        self.status = err.status
+        if self.note is not None:
+            self.note.response_bytes = len(err.body())
         link = self.link
         if link is not None and link.cycle.more_body:
             link.end_after_answer()

@@ -24,6 +24,8 @@ from edge.errors import RedisUnavailable
 from edge.keys import KeyFormat, ParsedKey, bearer_token
 from edge.logs import Throttle
 from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
+from edge.proxy.access import AccessLog, upstream_request_id
+from edge.proxy.access import entry as access_entry
 from edge.proxy.admission import (
     HAS_BALANCE,
     MODEL_NOT_READ,
@@ -35,7 +37,16 @@ from edge.proxy.admission import (
     model_state,
     rejection,
 )
-from edge.proxy.exchange import BODYLESS, BodyTooLarge, ClientGone, Exchange, Receive, Scope, Send
+from edge.proxy.exchange import (
+    BODYLESS,
+    AccessNote,
+    BodyTooLarge,
+    ClientGone,
+    Exchange,
+    Receive,
+    Scope,
+    Send,
+)
 from edge.proxy.fail_open import FailOpen
 from edge.proxy.hints import KidHints
 from edge.proxy.metering import METERED_ROUTES, Meter, Pricing, UnusableBody, prepare
@@ -54,6 +65,7 @@ from edge.proxy.policy import (
     upstream_target,
 )
 from edge.proxy.settlement import Settler
+from edge.proxy.sinks import counted, metered
 from edge.settings import Settings
 from edge.transport.upstream.errors import BadResponse, PoolFull, UpstreamError, describe
 from edge.transport.upstream.pool import UpstreamPool
@@ -71,6 +83,7 @@ class Resources(Protocol):
     key_format: KeyFormat
     pricing: Pricing
     settler: Settler
+    access: AccessLog | None
 
 
 log = logging.getLogger("edge.proxy.handler")
@@ -85,19 +98,6 @@ METHOD_REFUSED = errors.MethodNotAllowed(
 )
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
 NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS"})  # bodyless: no Content-Length: 0
-
-
-def metered(meter: Meter, sink: Sink) -> Sink:
-    """`sink`, with each piece passed through `meter` first (which may hold part of it back
-    until an SSE event ends, or take a usage chunk out)."""
-
-    def pipe(data: bytes, more: bool) -> bool:
-        out = meter.observe(data)
-        if not more:
-            out += meter.end()
-        return sink(out, more)
-
-    return pipe
 
 
 class Proxy:
@@ -123,11 +123,14 @@ class Proxy:
         # keys with a balance are metered when tokens have prices
         self._priced_flag = HAS_BALANCE if rt.pricing.token_priced else 0
         self._inject = rt.settings.metering.stream_usage == "inject"
+        self._access = rt.access
 
     def key_changed(self, kid: str) -> None:
         """A key was changed through this instance's admin API (`KeyStore.on_change`)."""
         if self._fail_open is not None:
             self._fail_open.forget(kid)
+        if self._access is not None:
+            self._access.forget(kid)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.rt
@@ -135,6 +138,8 @@ class Proxy:
             await errors.send_error(send, STARTING)
             return
         ex = Exchange(scope, receive, send)
+        if self._access is not None:
+            ex.note = AccessNote()
         rt.metrics.active.inc()
         try:
             await self._handle(rt, ex)
@@ -146,12 +151,18 @@ class Proxy:
         except Exception:
             log.exception("unexpected error handling a /v1 %s request", ex.method)
             if not ex.started:
+                ex.status = 500
                 await errors.send_error(send, errors.EdgeError())
         finally:
             ex.stop()
             if ex.outcome is not None:
                 rt.metrics.count(ex.plan, ex.outcome)
             rt.metrics.active.dec()
+            if ex.note is not None and self._access is not None:
+                # only a key that proved itself has its owner looked up: a stranger's made-up
+                # key ids cost no Redis call
+                known = ex.kid if ex.note.plan is not None else None
+                self._access.add(access_entry(ex, ex.note, self._trusted), known)
 
     async def _handle(self, rt: Resources, ex: Exchange) -> None:
         scope = ex.scope
@@ -171,6 +182,7 @@ class Proxy:
             err = errors.InvalidApiKey(NO_KEY if missing else None)
             await ex.fail(err, "unauthorized")
             return
+        ex.kid = key.kid
         route = raw_path[len(API_PREFIX) :].decode("ascii")  # ASCII: checked by the policy
         try:
             decision = await self._admit(rt, ex, key, route)
@@ -195,6 +207,8 @@ class Proxy:
             await self._reject(rt, ex, decision, key.kid)
             return
         ex.admitted(decision, rt.metrics.label(decision.plan))
+        if ex.note is not None:
+            ex.note.plan = decision.plan
         target = upstream_target(self._base_path, raw_path, query)
         await self._forward(rt, ex, target, inbound, key.kid, route)
 
@@ -229,6 +243,8 @@ class Proxy:
         if not body and ex.method in BODYLESS:
             return NO_BODY
         read = body_model(body)
+        if ex.note is not None:
+            ex.note.model = read.model
         if read.problem is not None:  # the answer if the key turns out to have model scopes
             ex.body_problem = errors.BadRequest(read.problem, code=read.code, param="model")
         return model_state(read.model)
@@ -241,6 +257,8 @@ class Proxy:
     async def _reject(self, rt: Resources, ex: Exchange, d: Decision, kid: str) -> None:
         answer = rejection(d)
         ex.plan = rt.metrics.label(d.plan) if answer.known else NO_PLAN
+        if ex.note is not None and answer.known:
+            ex.note.plan = d.plan
         if d.code == Code.PLAN_MISSING:
             self._log_throttled(
                 "plan-missing", "key %s has plan %r, which is not configured", kid, d.plan
@@ -294,6 +312,10 @@ class Proxy:
         else:
             length = int(inbound.length) if inbound.length else ex.spooled_length
 
+        note = ex.note
+        if note is not None:
+            note.request_bytes = length or 0
+            note.model = meter.model if meter is not None else note.model
         sent = perf_counter()
         rt.metrics.admitted.observe(sent - ex.start)
         try:
@@ -313,19 +335,29 @@ class Proxy:
         except asyncio.CancelledError:
             if meter is not None and d is not None and ex.client_gone:
                 # left while the upstream was at work on it: its request is charged
-                rt.settler.submit(kid, ex.plan, d, meter.model, meter.usage())
+                self._settle(rt, ex, kid, d, meter)
             raise
         streamed = not (data is None or isinstance(data, bytes))
         if streamed and ex.link is not None and ex.link.cycle.more_body:
             ex.link.end_after_answer()  # answered before the upload ended: read no more of it
         try:
-            rt.metrics.ttfb_by_plan[ex.plan].observe(perf_counter() - sent)
+            ttfb = perf_counter() - sent
+            rt.metrics.ttfb_by_plan[ex.plan].observe(ttfb)
             rt.metrics.upstream_status(ex.plan, resp.status)
+            if note is not None:
+                note.ttfb, note.upstream_id = ttfb, upstream_request_id(resp.headers)
             await self._relay(resp, ex, meter)
         finally:
             resp.close()
             if meter is not None and d is not None:  # after the last byte, even a cut one
-                rt.settler.submit(kid, ex.plan, d, meter.model, meter.usage())
+                self._settle(rt, ex, kid, d, meter)
+
+    @staticmethod
+    def _settle(rt: Resources, ex: Exchange, kid: str, d: Decision, meter: Meter) -> None:
+        usage = meter.usage()
+        rt.settler.submit(kid, ex.plan, d, meter.model, usage)
+        if ex.note is not None:
+            ex.note.tokens = (usage.input, usage.output)
 
     async def _meter(self, ex: Exchange, route: str) -> tuple[bytes | None, Meter]:
         """A metered request's whole body as it goes upstream (see metering.prepare), and the
@@ -346,6 +378,7 @@ class Proxy:
         one. A metered request's answer passes through its `meter` on the way."""
         send = ex.send
         ex.started = True
+        ex.status = resp.status
         headers = response_headers(resp.headers)
         if meter is not None:
             meter.start(resp.status, resp.headers)
@@ -357,6 +390,8 @@ class Proxy:
             body = await resp.read()
             if meter is not None:
                 body = meter.observe(body) + meter.end()
+            if ex.note is not None:
+                ex.note.response_bytes = len(body)
             ex.stop()
             if link.cycle.answer(resp.status, headers, body):
                 return
@@ -367,9 +402,13 @@ class Proxy:
             # Under edge's server: from here the upstream connection's own callback writes
             # each piece to the client as it arrives (Response.pipe); this task just waits.
             link.on_writable = resp.resume
-            sink = link.cycle.pipe_body
+            sink: Sink = link.cycle.pipe_body
+            if meter is not None:
+                sink = metered(meter, sink)
+            if ex.note is not None:
+                sink = counted(ex.note, sink)
             try:
-                await resp.pipe(sink if meter is None else metered(meter, sink))
+                await resp.pipe(sink)
             except UpstreamError as exc:
                 self._cut(ex, describe(exc))
             finally:
@@ -382,6 +421,8 @@ class Proxy:
                 chunk = await resp.read()
                 if meter is not None:
                     chunk = meter.observe(chunk) + (meter.end() if resp.done else b"")
+                if ex.note is not None:
+                    ex.note.response_bytes += len(chunk)
                 if resp.done:  # read() hands over all that arrived: this is the last piece
                     ex.stop()
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -25,8 +26,18 @@ from edge.redis.types import Arg, PrepareEvalsha, ScriptClient, StoreClient
 NoscriptHook = Callable[[], None]
 
 
+INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
+
+
 def read_source(name: str) -> str:
-    return resources.files("edge.redis").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """A script's source as Redis runs it: its file, with each `--#include <part>` line
+    replaced by `lua/include/<part>.lua` (code several scripts share; Redis has no modules)."""
+    lua = resources.files("edge.redis").joinpath("lua")
+    source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    return INCLUDE.sub(
+        lambda m: lua.joinpath("include", f"{m[1]}.lua").read_text(encoding="utf-8").rstrip(),
+        source,
+    )
 
 
 class Script:

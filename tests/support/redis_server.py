@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import redis
@@ -22,10 +23,18 @@ from tests.support.process import LocalServer
 class RedisServer(LocalServer):
     scheme = "redis"
 
-    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`env`: variables added to redis-server's environment (e.g. a libfaketime preload)."""
         super().__init__(port)
         self.dir = directory
         self.extra = list(extra)
+        self.env = dict(env or {})
 
     @property
     def url(self) -> str:
@@ -56,7 +65,8 @@ class RedisServer(LocalServer):
             *self.extra,
         ]
         log = open(self.dir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         wait_port(self.port)
         client = self.client()

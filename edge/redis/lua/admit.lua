@@ -14,7 +14,8 @@ ARGV[3]  the request body's model, as far as the caller read it: "" not read (th
          no body: nothing to check), "!" read but no usable top-level "model", "=" followed by
          the model
 ARGV[4]  credits an admitted request costs (pricing.request, a whole number)
-ARGV[5…] the plan table, flattened: name, rpm, rpd, tpm, tpd, name, … (requests per window;
+ARGV[5]  days of usage history to keep (usage.retention_days)
+ARGV[6…] the plan table, flattened: name, rpm, rpd, tpm, tpd, name, … (requests per window;
          tokens per window, -1 = no token limit)
 
 Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd, tpm, tpd (optional
@@ -25,7 +26,13 @@ model scopes apply to requests with a body; absent, empty or {} = everything; an
 JSON object = nothing), credits (absent or empty = unlimited; a whole number, negative after
 usage in flight = the balance; anything else = none left).
 Record fields written on admission: last_used (unix s), requests (+1), credits (- the request
-price, if limited).
+price, if limited). On any answer but 1 and 10 to the previous secret during its grace:
+previous_key_requests (+1), previous_key_last_used (unix s).
+
+Usage history (include/usage.lua: hashes per UTC day and hour beside the record), on every
+answer to an authenticated key but 10 (which is asked again): requests +1 and credits + the
+price on admission; rate_limited +1 on 5, 6, 12 and 13; rejected +1 on 2-4, 7-9 and 11.
+Nothing is counted for 1: a stranger's requests are not the key's.
 
 Every field is read and validated before the first write, and every write is one that cannot
 fail on any value an operator may have stored (HSET, PEXPIRE, HINCRBY on a checked integer):
@@ -44,7 +51,7 @@ admitted only when both request buckets hold a whole token, every token bucket o
 (a key has them only with a token limit) holds more than zero, and the balance (if any) is
 above zero; then both request buckets are charged one and the balance the request price.
 Token buckets are charged later, by settle.lua, with what the answer used. Rejections write
-nothing. A bucket expires when it would be full again: a missing bucket is a full one. A
+only the usage history and the previous-secret counters. A bucket expires when it would be full again: a missing bucket is a full one. A
 bucket timestamp in the future (clock stepped back on failover) refills nothing until Redis
 time passes it, and is never trusted for more than one window ahead.
 
@@ -71,6 +78,8 @@ entries 13-18 come only for a key with a token limit (no token limit: the reply 
 
 local MINUTE, DAY = 60000, 86400000
 local EPS = 1e-9
+
+--#include usage
 
 local function whole(v)
   if v and #v <= 12 and string.match(v, '^%d+$') then return tonumber(v) end
@@ -140,36 +149,54 @@ local function model_allowed(globs, model)
 end
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
-  'status', 'expires', 'requests', 'scopes', 'credits', 'tpm', 'tpd')
+  'status', 'expires', 'requests', 'scopes', 'credits', 'tpm', 'tpd', 'previous_key_requests')
 if not rec[1] then return {1} end
 
 local clock = redis.call('TIME')
 local now_s = tonumber(clock[1])
 local now = now_s * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-if rec[1] ~= ARGV[1] then
+local previous = rec[1] ~= ARGV[1]  -- the previous secret, during its grace
+if previous then
   local grace = whole(rec[3])
   if not (rec[2] == ARGV[1] and grace and now_s < grace) then return {1} end
 end
 
+-- An answer to an authenticated key: counted in its usage history (`field` +1, `spent`
+-- credits), and for the previous secret in the record too.
+local function done(reply, field, spent)
+  usage_count(KEYS[1], now_s, tonumber(ARGV[5]), {field, 1, 'credits', spent})
+  if previous then
+    if whole(rec[14]) then
+      redis.call('HINCRBY', KEYS[1], 'previous_key_requests', 1)
+    else
+      redis.call('HSET', KEYS[1], 'previous_key_requests', 1)
+    end
+    redis.call('HSET', KEYS[1], 'previous_key_last_used', now_s)
+  end
+  return reply
+end
+local function refused(reply) return done(reply, 'rejected', 0) end
+local function limited_by(reply) return done(reply, 'rate_limited', 0) end
+
 local plan = rec[4] or ''
 local status = rec[7]
-if status == 'revoked' then return {2, plan} end
+if status == 'revoked' then return refused({2, plan}) end
 if rec[8] and rec[8] ~= '' then
   local expires = whole(rec[8])
-  if not expires or now_s >= expires then return {3, plan} end
+  if not expires or now_s >= expires then return refused({3, plan}) end
 end
-if status and status ~= '' and status ~= 'active' then return {4, plan} end
+if status and status ~= '' and status ~= 'active' then return refused({4, plan}) end
 
 local plan_rpm, plan_rpd, plan_tpm, plan_tpd
-for i = 5, #ARGV, 5 do
+for i = 6, #ARGV, 5 do
   if ARGV[i] == plan then
     plan_rpm, plan_rpd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     plan_tpm, plan_tpd = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     break
   end
 end
-if not plan_rpm then return {7, plan} end
+if not plan_rpm then return refused({7, plan}) end
 
 local limited = rec[11] and rec[11] ~= ''
 local credits = 0
@@ -181,29 +208,29 @@ local scoped = 0
 if rec[10] and rec[10] ~= '' then
   local ok, scopes = pcall(cjson.decode, rec[10])
   if not ok or type(scopes) ~= 'table' or scopes[1] ~= nil then  -- not a JSON object: deny
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2 + balance_flag, expiry}
+    return refused({8, plan, 0, 0, 0, 0, 0, 0, 0, credits, 2 + balance_flag, expiry})
   end
   local routes, models = list_of_strings(scopes.routes), list_of_strings(scopes.models)
   if #models > 0 then scoped = scoped + 1 end
   if #routes > 0 then scoped = scoped + 2 end
   if #routes > 0 and not route_allowed(routes, ARGV[2]) then
-    return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
+    return refused({8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
   end
   if #models > 0 then
     local state = ARGV[3]
     if state == '' then return {10, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry} end
     if state ~= '~' then
       if string.sub(state, 1, 1) ~= '=' or #state > 257 then
-        return {11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
+        return refused({11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
       end
       if not model_allowed(models, string.sub(state, 2)) then
-        return {8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
+        return refused({8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
       end
     end
   end
 end
 if limited and credits <= 0 then
-  return {9, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry}
+  return refused({9, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
 end
 
 local rpm = whole(rec[5]) or plan_rpm
@@ -263,10 +290,10 @@ if mt < 1 - EPS or dt < 1 - EPS then
   if mt < 1 - EPS then
     retry = math.max(retry, until_level(mt, mts, rpm, MINUTE, 1))
   end
-  return {code, plan, rpm, rpd,
+  return limited_by({code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
     math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
-    token_fields()}
+    token_fields()})
 end
 
 -- tokens: admitted while the bucket is above zero; the wait is until it is again
@@ -278,10 +305,10 @@ if (tpm >= 0 and tmt <= EPS) or (tpd >= 0 and tdt <= EPS) then
   if tpm >= 0 and tmt <= EPS then
     retry = math.max(retry, until_level(tmt, tmts, tpm, MINUTE, EPS * 2) + 1)
   end
-  return {code, plan, rpm, rpd,
+  return limited_by({code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
     math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
-    token_fields()}
+    token_fields()})
 end
 
 mt, dt = math.max(mt - 1, 0), math.max(dt - 1, 0)
@@ -298,9 +325,10 @@ else
   redis.call('HSET', KEYS[1], 'requests', 1)
 end
 local price = tonumber(ARGV[4])
+local spent = 0
 if limited and price > 0 then
-  credits = credits - price
+  credits, spent = credits - price, price
   redis.call('HSET', KEYS[1], 'credits', string.format('%d', credits))
 end
-return {0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
-  credits, flags, expiry, token_fields()}
+return done({0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
+  credits, flags, expiry, token_fields()}, 'requests', spent)

@@ -13,6 +13,8 @@ if not current[1] then return 0 end
 if current[2] == 'revoked' then return -1 end
 local now = tonumber(redis.call('TIME')[1])
 local grace = tonumber(ARGV[2])
+-- the previous secret's use (admit.lua counts it) starts again with the new previous secret
+redis.call('HDEL', KEYS[1], 'previous_key_requests', 'previous_key_last_used')
 if grace > 0 then
   redis.call('HSET', KEYS[1], 'prev_hash', current[1], 'prev_until', now + grace)
 else

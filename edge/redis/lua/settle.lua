@@ -13,6 +13,7 @@ ARGV[1]  input tokens      ARGV[2]  output tokens
 ARGV[3]  the token cost in micro-credits (credits / 1,000,000: prices are per million tokens)
 ARGV[4]  tpm  ARGV[5]  tpd (the effective limits admission used; -1 = no such bucket)
 ARGV[6]  seconds to remember the id
+ARGV[7]  days of usage history to keep (usage.retention_days)
 
 The token cost is exact over any number of requests: the record keeps the part of a credit not
 yet charged (`credit_micros`, 0-999999); each settlement adds its cost to it and charges the
@@ -21,13 +22,16 @@ admission refuses the key until a top-up. A key without a balance (unlimited) is
 credits. Token buckets are debited as admit.lua reads them (continuous refill, capped at the
 limit) and may go below zero: the next requests wait until they refill. A field that is not a
 number is read as admit.lua reads it (a missing or garbled bucket is full; garbled credits are
-0), and nothing here can fail after a first write.
+0), and nothing here can fail after a first write. The key's usage history (include/usage.lua)
+gains the tokens and the credits charged, at the hour of the settlement.
 
 Reply: {1, credits charged, balance after} on a settlement; {0, credits the first one charged}
 when this id was settled before.
 ]]
 
 local MINUTE, DAY = 60000, 86400000
+
+--#include usage
 
 if not redis.call('SET', KEYS[4], '0', 'NX', 'EX', tonumber(ARGV[6])) then
   return {0, tonumber(redis.call('GET', KEYS[4])) or 0}
@@ -36,6 +40,7 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local used = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local now_s = tonumber(clock[1])
 
 local function debit(key, cap, window)
   if cap < 0 then return end
@@ -60,6 +65,10 @@ debit(KEYS[3], tonumber(ARGV[5]), DAY)
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'tokens', 'credits', 'credit_micros')
 if not rec[1] then return {1, 0, 0} end  -- the key is gone: nothing more to write
+local function history(charged)
+  usage_count(KEYS[1], now_s, tonumber(ARGV[7]),
+    {'input_tokens', tonumber(ARGV[1]), 'output_tokens', tonumber(ARGV[2]), 'credits', charged})
+end
 local total = rec[2]
 if total and #total <= 15 and string.match(total, '^%d+$') then
   redis.call('HINCRBY', KEYS[1], 'tokens', used)
@@ -68,7 +77,10 @@ else
 end
 
 local cost = tonumber(ARGV[3])
-if not rec[3] or rec[3] == '' or cost <= 0 then return {1, 0, 0} end
+if not rec[3] or rec[3] == '' or cost <= 0 then
+  history(0)
+  return {1, 0, 0}
+end
 local balance = 0
 if #rec[3] <= 13 and string.match(rec[3], '^%-?%d+$') then balance = tonumber(rec[3]) end
 local micros = 0
@@ -80,4 +92,5 @@ balance = balance - charged
 redis.call('HSET', KEYS[1], 'credits', string.format('%d', balance),
   'credit_micros', string.format('%d', micros))
 if charged > 0 then redis.call('SET', KEYS[4], string.format('%d', charged), 'KEEPTTL') end
+history(charged)
 return {1, charged, balance}
