@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 import redis
+from playwright.sync_api import Browser, sync_playwright
 
 from edge.control.records import KeyRecord
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.edge_process import EdgeProcess, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key
@@ -105,3 +107,15 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium under Playwright, per module (a sync Playwright loop must not outlive
+    the module's browser tests)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: make test installs it (scripts/ensure-packages.sh)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -19,10 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from edge.control.specs import NewKey
 from edge.keys import record_key
+from tests.support.browser import Watched
 from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import store_call
@@ -30,16 +31,6 @@ from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests run as root in CI
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",  # this machine's closed network refuses Google's hosts
-    "--disable-component-update",
-    "--disable-sync",
-]
 TOKEN = f"dash-{secrets.token_hex(16)}"
 KEY = re.compile(r"gw_sk_[0-9A-Za-z]{50}")
 CAP = 3
@@ -60,40 +51,6 @@ def edge_admin(
     proc = EdgeProcess(tmp_path_factory.mktemp("dashboard"), env, "dashboard").start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: make test installs it (scripts/ensure-packages.sh)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-class Watched:
-    """A page plus what it said: console errors, page errors and any JavaScript dialog."""
-
-    def __init__(self, page: Page) -> None:
-        self.page = page
-        self.console: list[str] = []
-        self.dialogs: list[str] = []
-        page.on("console", self._console)
-        page.on("pageerror", lambda exc: self.console.append(f"pageerror: {exc}"))
-        page.on("dialog", self._dialog)
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.console.append(message.text)
-
-    def _dialog(self, dialog: Dialog) -> None:
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def errors(self, allow_401: bool = False) -> list[str]:
-        expected = "the server responded with a status of 401"
-        return [m for m in self.console if not (allow_401 and expected in m)]
 
 
 @pytest.fixture
@@ -247,7 +204,7 @@ def test_row_actions_take_effect_on_v1_at_once(
     line.get_by_role("button", name="Edit").click()
     page.get_by_role("dialog").get_by_label("LLM tokens per minute").fill("7000")
     page.get_by_role("dialog").get_by_role("button", name="Save").click()
-    expect(line).to_contain_text("7000 (key)")
+    expect(line).to_contain_text("7,000 (key)")
     assert api_record(edge_admin, kid)["tpm_override"] == 7000
     line.get_by_role("button", name="Edit").click()
     expect(page.get_by_role("dialog").get_by_label("LLM tokens per minute")).to_have_value("7000")
@@ -262,7 +219,7 @@ def test_row_actions_take_effect_on_v1_at_once(
     page.screenshot(path=tmp_path / "revoke.png")
     page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
     expect(line).to_have_class("revoked")
-    expect(line.get_by_role("button")).to_have_count(0)
+    expect(line.locator(".row-actions button")).to_have_count(0)
     assert v1(edge_admin, new_key) == 401
     assert watched.errors() == []
 

@@ -46,8 +46,15 @@ export async function call(method, path, body) {
   return data;
 }
 
+const query = (params) => new URLSearchParams(params || {}).toString();
+
 export const api = {
   plans: () => call("GET", "plans"),
+  key: (id) => call("GET", `keys/${encodeURIComponent(id)}`),
+  usage: (id, params) => call("GET", `keys/${encodeURIComponent(id)}/usage?${query(params)}`),
+  usageSum: (params) => call("GET", `usage?${query(params)}`),
+  top: (params) => call("GET", `usage/top?${query(params)}`),
+  audit: (params) => call("GET", `audit?${query(params)}`),
   keys: (params) => call("GET", `keys?${new URLSearchParams(params)}`),
   create: (fields) => call("POST", "keys", fields),
   update: (id, fields) => call("PATCH", `keys/${encodeURIComponent(id)}`, fields),

@@ -1,8 +1,10 @@
-// The dashboard: sign in with the admin token, list keys page by page, create, pause, resume,
-// rotate, revoke and edit them over the admin API. A new key is shown once, then wiped.
+// The dashboard: sign in with the admin token, see today's usage, list keys page by page,
+// open a key's usage, create, pause, resume, rotate, revoke and edit keys over the admin API.
+// A new key is shown once, then wiped.
 
 import { api, ApiError, forget, remember, token } from "./api.js";
 import { keyRow, planRow, showError } from "./render.js";
+import { loadOverview, openDetail } from "./usage.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { cursor: null, filters: {}, plans: [] };
@@ -22,7 +24,23 @@ async function start() {
   $("app-view").hidden = false;
   $("sign-out").hidden = false;
   renderPlans();
-  await loadKeys(true);
+  await Promise.all([loadKeys(true), overview()]);
+}
+
+async function overview() {
+  try {
+    await loadOverview(showDetail);
+  } catch (err) {
+    handle(err, $("overview-error"));
+  }
+}
+
+async function showDetail(id) {
+  try {
+    await openDetail(id);
+  } catch (err) {
+    handle(err, $("detail-error"));
+  }
 }
 
 function showSignIn(message) {
@@ -219,6 +237,7 @@ $("edit-form").addEventListener("submit", async (event) => {
 });
 
 const handlers = {
+  open: (rec) => showDetail(rec.id),
   pause: (rec) => status(rec, "pause"),
   resume: (rec) => status(rec, "resume"),
   rotate: (rec) => {

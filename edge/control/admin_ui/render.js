@@ -2,6 +2,7 @@
 // a form control's value), never as HTML, so a key named `<img onerror=…>` is just text.
 
 const relative = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
+const count = new Intl.NumberFormat("en"); // 50,000: numbers for people
 const STEPS = [
   ["year", 31536000], ["month", 2592000], ["day", 86400],
   ["hour", 3600], ["minute", 60], ["second", 1],
@@ -36,7 +37,7 @@ function cell(text, title) {
 }
 
 function limitCell(effective, override) {
-  const td = cell(effective ?? "—");
+  const td = cell(effective === null || effective === undefined ? "—" : count.format(effective));
   if (override !== null && override !== undefined) {
     td.append(el("span", " (key)", "note"));
   }
@@ -50,8 +51,8 @@ function todayCell(rec) {
   const bar = el("progress");
   bar.max = rec.rpd;
   bar.value = used;
-  bar.setAttribute("aria-label", `${used} of ${rec.rpd} requests today`);
-  td.append(bar, el("span", ` ${used}/${rec.rpd}`, "note"));
+  bar.setAttribute("aria-label", `${count.format(used)} of ${count.format(rec.rpd)} requests today`);
+  td.append(bar, el("span", ` ${count.format(used)}/${count.format(rec.rpd)}`, "note"));
   return td;
 }
 
@@ -68,7 +69,12 @@ export function keyRow(rec, on) {
   tr.dataset.id = rec.id;
   if (rec.status === "revoked") tr.className = "revoked";
   const id = el("td");
-  id.append(el("code", rec.id));
+  const open = el("button", null, "link");
+  open.type = "button";
+  open.append(el("code", rec.id));
+  open.setAttribute("aria-label", `Usage of key ${rec.id}`);
+  open.addEventListener("click", () => on.open(rec));
+  id.append(open);
   const expires = rec.expires === null ? "never" : isoTime(rec.expires).slice(0, 16);
   tr.append(
     id,
@@ -80,11 +86,11 @@ export function keyRow(rec, on) {
     limitCell(rec.rpd, rec.rpd_override),
     limitCell(rec.tpm, rec.tpm_override),
     limitCell(rec.tpd, rec.tpd_override),
-    cell(rec.requests),
-    cell(rec.tokens ?? 0),
+    cell(count.format(rec.requests)),
+    cell(count.format(rec.tokens ?? 0)),
     todayCell(rec),
     cell(ago(rec.last_used), rec.last_used ? isoTime(rec.last_used) : ""),
-    cell(rec.credits === null ? "unlimited" : rec.credits),
+    cell(rec.credits === null ? "unlimited" : count.format(rec.credits)),
     cell(expires),
   );
   const actions = el("td", null, "row-actions");
@@ -105,8 +111,10 @@ export function keyRow(rec, on) {
 
 export function planRow(plan) {
   const tr = el("tr");
+  const limit = (value) => (value === null || value === undefined ? "—" : count.format(value));
   tr.append(
-    cell(plan.plan), cell(plan.rpm), cell(plan.rpd), cell(plan.tpm ?? "—"), cell(plan.tpd ?? "—"),
+    cell(plan.plan), cell(limit(plan.rpm)), cell(limit(plan.rpd)), cell(limit(plan.tpm)),
+    cell(limit(plan.tpd)),
   );
   return tr;
 }
