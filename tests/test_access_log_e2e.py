@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from edge.control.records import KeyRecord
 from edge.keys import record_key
+from edge.logs import LineWriter
 from edge.proxy.access import AccessLog, client_address
 from edge.proxy.policy import TrustedProxies
 from tests.support.edge_process import PROVIDER_KEY, EdgeProcess, auth, edge_env
@@ -239,3 +241,31 @@ def test_owners_are_looked_up_once_per_key_not_per_request(
     owners = {w["n"]: w["owner"] for w in written}
     assert owners[1] == "acme" and owners[2] == "globex" and owners[50] is None
     assert owners[59] == "acme"
+
+
+def test_the_line_writer_keeps_every_line_in_order_and_counts_what_it_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("edge.test-lines")
+    writer = LineWriter(logger)
+    writer.MOST_WAITING = 1_000  # type: ignore[misc]
+    with caplog.at_level(logging.INFO):
+        writer.start()
+        for i in range(600):  # past FLUSH_LINES: the thread is woken before its 0.1 s
+            writer.add(b'{"n": %d}' % i)
+        assert wait_until(lambda: not writer._lines, 2)
+        writer._stopping = True  # hold the thread: what follows waits for stop()
+        writer._wake.set()
+        writer._thread.join(2)
+        for i in range(600, 1_700):
+            writer.add(b'{"n": %d}' % i)
+        writer.stop()
+    written = [
+        json.loads(line)["n"]
+        for record in caplog.records
+        if record.name == logger.name
+        for line in record.getMessage().splitlines()
+    ]
+    assert written == list(range(1_600))  # 1,000 waiting at most: the last 100 dropped
+    assert any("100 lines dropped" in r.getMessage() for r in caplog.records)
+    assert len([r for r in caplog.records if r.name == logger.name]) < 10  # many per record
