@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = [fleet.direct(), fleet.nginx(fleet.static.port), edge]
         targets.append(fleet.metered(edge, fleet.metered_key))
         targets.append(fleet.edge(fleet.static.port, access_log=True))
+        targets.append(fleet.edge(fleet.static.port, routed=True))
         targets.append(fleet.edge(fleet.static.port, workers=2))
         if (os.cpu_count() or 1) < 2:
             notes.append("only one CPU: the 2-worker row shows contention, not scaling")
@@ -266,6 +267,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     target(
         "edge-1w, access log: Redis commands per request", "≤ 1.01", v, v is not None and v <= 1.01
     )
+    v = get(load, ("edge-1w-routed", 1), "redis_cmds_per_req")
+    target("edge-1w, 2 upstreams: Redis commands per request", "= 1", v, v == 1.0)
     return found
 
 

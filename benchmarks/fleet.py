@@ -113,23 +113,37 @@ class Fleet(contextlib.ExitStack):
         workers: int = 1,
         wrapper: tuple[str, ...] = (),
         access_log: bool = False,
+        routed: bool = False,
     ) -> Target:
         """An edge process; `access_log`: with `log.access` on (its lines go to the log file,
-        as they would to a collector's pipe)."""
+        as they would to a collector's pipe); `routed`: two `[[upstreams]]` (both this
+        upstream) serving the model, so every request is routed by its body's model."""
+        url = f"http://127.0.0.1:{upstream_port}/v1"
         env = edge_env(
             self.redis.url,
-            f"http://127.0.0.1:{upstream_port}/v1",
+            url,
             EDGE_LOG_LEVEL="warning",
             EDGE_LOG_ACCESS="true" if access_log else "false",
         )
+        if routed:
+            del env["EDGE_UPSTREAM_URL"], env["EDGE_UPSTREAM_API_KEY"]
+            env["EDGE_UPSTREAMS"] = json.dumps(
+                [
+                    {"name": "a", "url": url, "models": ["bench*"]},
+                    {"name": "b", "url": url, "models": ["bench", "other-*"]},
+                ]
+            )
         args = ("--workers", str(workers))
-        name = f"edge-{workers}w" + ("-access" if access_log else "")
+        name = (
+            f"edge-{workers}w" + ("-access" if access_log else "") + ("-routed" if routed else "")
+        )
         proc = EdgeProcess(self.dir, env, name, args, wrapper).start(timeout=300 if wrapper else 60)
         self.callback(proc.stop)
         return Target(
             name,
             f"edge, {workers} worker{'s' if workers > 1 else ''}"
-            + (", access log on" if access_log else ""),
+            + (", access log on" if access_log else "")
+            + (", 2 upstreams routed by model" if routed else ""),
             proc.port,
             proc.pid,
             key=self.key,

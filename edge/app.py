@@ -8,9 +8,12 @@ metrics registry, and closes them in reverse.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import NamedTuple
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,8 +29,9 @@ from edge.metrics.registry import CONTENT_TYPE
 from edge.proxy.exchange import Receive, Scope, Send
 from edge.proxy.handler import Proxy
 from edge.proxy.policy import API_PREFIX
+from edge.reload import Reloader
 from edge.runtime import Runtime, open_runtime
-from edge.settings import Settings
+from edge.settings import Settings, Source
 
 log = logging.getLogger("edge")
 OnReady = Callable[[Runtime], Awaitable[None]]
@@ -35,6 +39,7 @@ OnReady = Callable[[Runtime], Awaitable[None]]
 
 async def metrics_endpoint(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
+    request.app.state.edge.proxy.refresh_available()
     return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
@@ -72,9 +77,18 @@ class Edge:
     paths. Requests are told apart by the port they arrived on.
     """
 
-    def __init__(self, settings: Settings, on_ready: OnReady | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_ready: OnReady | None = None,
+        source: Source | None = None,
+        signals: Signals | None = None,
+    ) -> None:
         self.settings = settings
         self.on_ready = on_ready
+        self.source = source or Source()  # where a reload reads the configuration again
+        self.signals = signals  # None: no signal handlers (in-process tests)
+        self.reloader: Reloader | None = None
         self.proxy = Proxy()
         self.admin = Deferred()
         self.draining = False  # SIGTERM: /readyz answers 503 while requests are still served
@@ -102,12 +116,38 @@ class Edge:
             self.proxy.bind(rt)
             rt.store.on_change.append(self.proxy.key_changed)
             self.control.state.runtime = self.operator.state.runtime = rt
+            supervisor = self.signals.supervisor if self.signals else None
+            reloader = self.reloader = Reloader(self.source, rt, self.proxy, supervisor)
             if admin_enabled(self.settings):
                 token = self.settings.admin.token.get_secret_value()
-                self.admin.app = AdminApi(rt.store, token).app
+                self.admin.app = AdminApi(rt.store, token, self._reload).app
             if self.on_ready is not None:
                 await self.on_ready(rt)
+            with self._signal_handlers(reloader):
+                yield
+
+    async def _reload(self, actor: str) -> list[str]:
+        """`POST /admin/reload`: this process, then (with workers) the others."""
+        assert self.reloader is not None
+        return await self.reloader.reload(actor, siblings=True)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self, reloader: Reloader) -> Iterator[None]:
+        """SIGHUP reloads (audited by one process: a worker's SIGHUP comes from its
+        supervisor, which sends worker 0 the audited one); SIGUSR1 reloads quietly (a sibling
+        worker was asked through the admin API and has audited it)."""
+        if self.signals is None:
             yield
+            return
+        loop = asyncio.get_running_loop()
+        audited = self.signals.audit
+        loop.add_signal_handler(signal.SIGHUP, reloader.on_signal, "signal", audited)
+        loop.add_signal_handler(signal.SIGUSR1, reloader.on_signal, "signal", False)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            loop.remove_signal_handler(signal.SIGUSR1)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Hands back the chosen app's coroutine rather than awaiting it: one frame fewer on
@@ -122,5 +162,18 @@ class Edge:
         return self.control(scope, receive, send)
 
 
-def create_app(settings: Settings, on_ready: OnReady | None = None) -> Edge:
-    return Edge(settings, on_ready)
+class Signals(NamedTuple):
+    """How a served process takes SIGHUP: `audit` its reloads (one process of a group does),
+    `supervisor` the pid to tell when the admin API asked this one (None: no siblings)."""
+
+    audit: bool = True
+    supervisor: int | None = None
+
+
+def create_app(
+    settings: Settings,
+    on_ready: OnReady | None = None,
+    source: Source | None = None,
+    signals: Signals | None = None,
+) -> Edge:
+    return Edge(settings, on_ready, source, signals)

@@ -100,6 +100,15 @@ class NotFound(EdgeError):
     message = "Invalid URL. The API lives under /v1/."
 
 
+class ModelNotFound(EdgeError):
+    """Several upstreams are configured and none serves the request's model (OpenAI's words)."""
+
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+
+
 class MethodNotAllowed(EdgeError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
     message = "Method not allowed on this URL."

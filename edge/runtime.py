@@ -18,13 +18,16 @@ from edge.keys import KeyFormat
 from edge.metrics.registry import Metrics
 from edge.proxy.access import AccessLog
 from edge.proxy.admission import Limiter
+from edge.proxy.live import Live
 from edge.proxy.metering import Pricing
+from edge.proxy.policy import provider_headers
+from edge.proxy.routing import Breaker, Router, Target
 from edge.proxy.settlement import Settler
 from edge.redis import clients as connection
 from edge.redis.failures import FAILURES
 from edge.redis.scripts import Scripts
 from edge.redis.types import ScriptClient
-from edge.settings import Settings
+from edge.settings import Settings, Upstream
 from edge.transport.upstream.pool import UpstreamPool
 
 log = logging.getLogger("edge")
@@ -36,12 +39,11 @@ class Runtime:
     redis: Any  # redis-py: key management, listing (a StoreClient)
     hot: ScriptClient  # the request path's client: admission and readiness
     scripts: Scripts
-    limiter: Limiter
     metrics: Metrics
-    upstream: UpstreamPool
+    live: Live  # plans, prices and upstreams: what a reload swaps
+    pools: Pools
     key_format: KeyFormat
     store: KeyStore
-    pricing: Pricing
     settler: Settler
     access: AccessLog | None  # the access log, when `log.access` is on
     demo_key: str | None = None
@@ -61,31 +63,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         except FAILURES as exc:  # Redis may come later; EVAL loads scripts on first use then
             log.warning("could not load Lua scripts into Redis yet (%s); will retry on use", exc)
 
-        upstream_base = settings.upstream.url
+        demo_url = ""
         if settings.demo_upstream:
             from edge.demo import start_demo_upstream  # aiohttp: loaded only when it runs
 
-            upstream_base = await stack.enter_async_context(start_demo_upstream())
-        up = settings.upstream
-        upstream = UpstreamPool(
-            upstream_base,
-            up.max_connections,
-            up.connect_timeout,
-            up.read_timeout,
-            max_head_bytes=up.max_header_bytes,
-            max_head_fields=up.max_headers,
-        )
-        stack.push_async_callback(upstream.close)
-
+            demo_url = await stack.enter_async_context(start_demo_upstream())
         metrics = Metrics(settings.plans)
         metrics.start_flushing()
         stack.callback(metrics.stop_flushing)
-        limiter = Limiter(
-            hot, scripts, settings.plans, metrics, settings.pricing.request,
-            settings.usage.retention_days,
-        )  # fmt: skip
-        pricing = Pricing(settings.pricing)
-        settler = Settler(limiter, pricing, metrics)
+        pools = Pools(demo_url)
+        stack.push_async_callback(pools.close)
+        live = build_live(settings, hot, scripts, metrics, pools, None)
+        settler = Settler(live.limiter, metrics)
         stack.push_async_callback(settler.close)  # before Redis closes: pending settlements
         access = None
         if settings.log.access:
@@ -97,15 +86,85 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             redis=redis,
             hot=hot,
             scripts=scripts,
-            limiter=limiter,
             metrics=metrics,
-            upstream=upstream,
+            live=live,
+            pools=pools,
             key_format=KeyFormat(settings.keys.prefix),
             store=KeyStore(redis, scripts, settings),
-            pricing=pricing,
             settler=settler,
             access=access,
         )
+
+
+class Pools:
+    """Every upstream pool this app opened, closed at shutdown; `demo_url` stands in for an
+    unset `[upstream] url`."""
+
+    def __init__(self, demo_url: str) -> None:
+        self.demo_url = demo_url
+        self.all: list[UpstreamPool] = []
+
+    def open(self, spec: Upstream) -> UpstreamPool:
+        up = spec.settings
+        pool = UpstreamPool(
+            up.url or self.demo_url,
+            up.max_connections,
+            up.connect_timeout,
+            up.read_timeout,
+            max_head_bytes=up.max_header_bytes,
+            max_head_fields=up.max_headers,
+        )
+        self.all.append(pool)
+        return pool
+
+    def retire(self, pool: UpstreamPool) -> None:
+        pool.retire()
+        self.all = [p for p in self.all if p is not pool or p.busy]
+
+    async def close(self) -> None:
+        for pool in self.all:
+            await pool.close()
+
+
+def build_live(
+    settings: Settings,
+    hot: ScriptClient,
+    scripts: Scripts,
+    metrics: Metrics,
+    pools: Pools,
+    old: Live | None,
+) -> Live:
+    """The reloadable configuration as requests use it. An upstream whose settings did not
+    change keeps its pool (its warm connections) and its breaker from `old`."""
+    kept = {t.name: t for t in old.router.targets} if old is not None else {}
+    routing = settings.routing
+    targets = []
+    for spec in settings.upstream_list:
+        before = kept.get(spec.name)
+        if before is not None and before.spec.settings == spec.settings:
+            pool, breaker = before.pool, before.breaker
+            breaker.failures, breaker.window = routing.cooldown_failures, routing.cooldown_window
+            breaker.cooldown = routing.cooldown_seconds
+        else:
+            pool = pools.open(spec)
+            breaker = Breaker(
+                routing.cooldown_failures, routing.cooldown_window, routing.cooldown_seconds
+            )
+        targets.append(Target(spec, pool, provider_headers(spec.settings), breaker))
+        metrics.available(spec.name, True)
+    limiter = Limiter(
+        hot, scripts, settings.plans, metrics, settings.pricing.request,
+        settings.usage.retention_days,
+    )  # fmt: skip
+    return Live(settings, limiter, Pricing(settings.pricing), Router(targets, routing))
+
+
+def retire_replaced(old: Live, new: Live, pools: Pools) -> None:
+    """Close what `new` no longer uses, once its requests are done with it."""
+    using = {id(t.pool) for t in new.router.targets}
+    for target in old.router.targets:
+        if id(target.pool) not in using:
+            pools.retire(target.pool)
 
 
 async def create_demo_key(rt: Runtime, asked: bool) -> None:

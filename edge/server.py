@@ -19,10 +19,10 @@ from typing import cast
 
 import uvicorn
 
-from edge.app import Edge, create_app
+from edge.app import Edge, Signals, create_app
 from edge.banner import announce
 from edge.runtime import Runtime, create_demo_key
-from edge.settings import Settings
+from edge.settings import Settings, Source
 from edge.transport.protocol import Limits, protocol_class
 
 log = logging.getLogger("edge")
@@ -117,15 +117,21 @@ def uvicorn_config(app: Edge, settings: Settings) -> uvicorn.Config:
 
 
 def run_server(
-    settings: Settings, sockets: list[socket.socket], banner: bool = True, demo_key: bool = False
+    settings: Settings,
+    sockets: list[socket.socket],
+    banner: bool = True,
+    demo_key: bool = False,
+    source: Source | None = None,
+    signals: Signals | None = None,
 ) -> int:
-    """Serve on `sockets` until stopped; 0 after a clean stop."""
+    """Serve on `sockets` until stopped; 0 after a clean stop. `source`: where a reload reads
+    the configuration; `signals`: how SIGHUP reloads it (edge/reload.py)."""
 
     async def on_ready(rt: Runtime) -> None:
         await create_demo_key(rt, asked=demo_key)
         announce(rt)
 
-    app = create_app(settings, on_ready=on_ready if banner else None)
+    app = create_app(settings, on_ready if banner else None, source, signals)
     server = EdgeServer(uvicorn_config(app, settings), app, settings.server.drain_delay)
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -13,20 +13,17 @@ never its value (it may be a secret). Nothing here touches the network.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
@@ -34,10 +31,29 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
-from edge.redis_urls import check_url
-from edge.urls import check_upstream_url, redact_url
+from edge.setting_types import (
+    Count,
+    EnvName,
+    Glob,
+    HeaderValue,
+    IPNetwork,
+    Limit,
+    PerMillion,
+    RedisUrl,
+    RouteRule,
+    Seconds,
+    SecretHeaderValue,
+    Section,
+    Status,
+    UpstreamName,
+    UpstreamUrl,
+    WithUrl,
+    error_message,
+    error_place,
+    json_list,
+    split_list,
+)
 
 DEFAULT_CONFIG = Path("config") / "edge.toml"
 PLAN_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -47,19 +63,13 @@ PATTERN_HELP = {
     "keys": "must be 3-16 letters, digits, '_' or '-', ending in '_' or '-' (e.g. gw_sk_, gp-)",
     "plans": "plan names are 1-32 lowercase letters, digits, '_' or '-'",
 }
-Seconds = Annotated[float, Field(gt=0, le=86_400 * 365, allow_inf_nan=False)]
-Count = Annotated[int, Field(gt=0, le=1_000_000)]
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the setting and why, on one line."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(_Section):
+class ServerSettings(Section):
     host: Annotated[str, StringConstraints(min_length=1)] = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Field(gt=0, le=2**40)] = 32 * 1024 * 1024
@@ -74,68 +84,10 @@ class ServerSettings(_Section):
     # SIGTERM: seconds to keep serving with /readyz 503 before closing the listener
     drain_delay: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 5.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # processes serving the same port
-    trusted_proxies: Annotated[tuple[IPNetwork, ...], BeforeValidator(_split_list)] = ()
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], BeforeValidator(split_list)] = ()
 
 
-def _redis_url(url: str) -> str:
-    if url:
-        check_url(url)
-    return url
-
-
-def _upstream_url(url: str) -> str:
-    if url:
-        check_upstream_url(url)
-    return url
-
-
-def _header_value(value: str) -> str:
-    if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
-        raise ValueError("must be printable ASCII (it is sent as a header)")
-    return value
-
-
-def _secret_header_value(value: SecretStr) -> SecretStr:
-    _header_value(value.get_secret_value())
-    return value
-
-
-RedisUrl = Annotated[str, AfterValidator(_redis_url)]
-UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
-HeaderValue = Annotated[str, AfterValidator(_header_value)]
-SecretHeaderValue = Annotated[SecretStr, AfterValidator(_secret_header_value)]
-
-
-class _WithUrl(_Section):
-    """A section whose `url` may carry a password: its repr shows it redacted."""
-
-    url: str = ""
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            yield name, redact_url(value) if name == "url" else value
-
-
-def _network(value: str) -> str:
-    try:
-        return str(ipaddress.ip_network(value, strict=False))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP network (CIDR)") from None
-
-
-def _split_list(value: object) -> object:
-    """A comma-separated environment value, or a TOML list, as a tuple."""
-    if isinstance(value, str):
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-IPNetwork = Annotated[str, AfterValidator(_network)]
-
-
-class RedisSettings(_WithUrl):
+class RedisSettings(WithUrl):
     url: RedisUrl = ""
     timeout: Annotated[Seconds, Field(le=60)] = 0.25
     max_connections: Count = 256
@@ -143,7 +95,7 @@ class RedisSettings(_WithUrl):
     fail_open_auth_ttl: Annotated[Seconds, Field(le=86_400)] = 60.0
 
 
-class UpstreamSettings(_WithUrl):
+class UpstreamSettings(WithUrl):
     url: UpstreamUrl = ""
     api_key: SecretHeaderValue = SecretStr("")
     organization: HeaderValue = ""  # the operator's own OpenAI-Organization; clients' dropped
@@ -156,12 +108,12 @@ class UpstreamSettings(_WithUrl):
     max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
 
 
-class KeysSettings(_Section):
+class KeysSettings(Section):
     prefix: Annotated[str, StringConstraints(pattern=PREFIX)] = "gw_sk_"
     max_per_owner: Annotated[int, Field(ge=1, le=1_000_000)] = 20  # non-revoked keys per owner
 
 
-class AdminSettings(_Section):
+class AdminSettings(Section):
     token: SecretStr = SecretStr("")  # enables /admin/*; off when empty
     host: Annotated[str, StringConstraints(min_length=1)] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65_535)] = 0  # 0: /admin and /metrics on the main port
@@ -175,7 +127,7 @@ class AdminSettings(_Section):
         return token
 
 
-class LogSettings(_Section):
+class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access: bool = False  # one JSON line per /v1 request on the `edge.access` logger
 
@@ -185,21 +137,14 @@ class LogSettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
-Limit = Annotated[int, Field(ge=0, lt=10**12)]
-
-
-class Plan(_Section):
+class Plan(Section):
     rpm: Limit  # requests per minute and per day
     rpd: Limit
     tpm: Limit | None = None  # LLM tokens per minute and per day; None: no token limit
     tpd: Limit | None = None
 
 
-Glob = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")]
-PerMillion = Annotated[int, Field(ge=0, le=10**9)]
-
-
-class ModelPrice(_Section):
+class ModelPrice(Section):
     """Credits per million tokens for the models matching `match` (`*` and `?` as wildcards)."""
 
     match: Glob
@@ -208,33 +153,63 @@ class ModelPrice(_Section):
     cached_input: PerMillion | None = None  # None: cached input tokens cost `input`
 
 
-def _json_list(value: object) -> object:
-    """A list given as JSON text (an environment value) or in TOML, as a tuple."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError("must be a JSON list of {match, input, output}") from None
-    return tuple(value) if isinstance(value, list) else value
-
-
-class PricingSettings(_Section):
+class PricingSettings(Section):
     request: PerMillion = 1  # credits an admitted request costs
-    models: Annotated[tuple[ModelPrice, ...], BeforeValidator(_json_list)] = ()  # first match
+    models: Annotated[tuple[ModelPrice, ...], BeforeValidator(json_list)] = ()  # first match
 
     @property
     def token_priced(self) -> bool:
         return bool(self.models)
 
 
-class MeteringSettings(_Section):
+class MeteringSettings(Section):
     # "inject": ask the upstream for usage on a metered key's stream and hide the usage-only
     # chunk from a client that did not ask for it; "client": never touch a request body
     stream_usage: Literal["inject", "client"] = "inject"
 
 
-class UsageSettings(_Section):
+class UsageSettings(Section):
     retention_days: Annotated[int, Field(ge=1, le=3_650)] = 90  # per-key daily usage history
+
+
+class UpstreamEntry(WithUrl):
+    """One of several upstreams (`[[upstreams]]`). Unset timeouts and limits are `[upstream]`'s;
+    the provider key is read from the variable `api_key_env` names, never from the file."""
+
+    name: UpstreamName
+    url: UpstreamUrl
+    api_key_env: EnvName = ""
+    api_key: SecretHeaderValue = SecretStr("")  # filled from api_key_env by load_settings
+    models: Annotated[tuple[Glob, ...], BeforeValidator(split_list)] = ("*",)
+    weight: Annotated[int, Field(ge=1, le=1_000)] = 1
+    routes: Annotated[tuple[RouteRule, ...], BeforeValidator(split_list)] = ()
+    organization: HeaderValue = ""
+    project: HeaderValue = ""
+    connect_timeout: Seconds | None = None
+    read_timeout: Seconds | None = None
+    max_connections: Count | None = None
+
+
+class RoutingSettings(Section):
+    # answers that send a request on to the next upstream serving its model
+    failover_statuses: Annotated[tuple[Status, ...], BeforeValidator(split_list)] = (
+        429, 500, 502, 503, 504,
+    )  # fmt: skip
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 2  # upstreams tried per request
+    cooldown_failures: Annotated[int, Field(ge=1, le=100_000)] = 5  # within cooldown_window...
+    cooldown_window: Seconds = 30.0
+    cooldown_seconds: Seconds = 30.0  # ...take an upstream out for this long
+
+
+class Upstream(NamedTuple):
+    """An upstream as the data plane uses it: `[upstream]` is one named `default` serving
+    every model; each `[[upstreams]]` entry is one with `[upstream]`'s values where unset."""
+
+    name: str
+    settings: UpstreamSettings
+    models: tuple[str, ...] = ("*",)
+    weight: int = 1
+    routes: tuple[str, ...] = ()
 
 
 PlanName = Annotated[str, StringConstraints(pattern=PLAN_NAME)]
@@ -248,7 +223,7 @@ def default_plans() -> dict[str, Plan]:
     }
 
 
-class Settings(_Section):
+class Settings(Section):
     server: ServerSettings = ServerSettings()
     redis: RedisSettings = RedisSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -261,6 +236,8 @@ class Settings(_Section):
     pricing: PricingSettings = PricingSettings()
     metering: MeteringSettings = MeteringSettings()
     usage: UsageSettings = UsageSettings()
+    upstreams: Annotated[tuple[UpstreamEntry, ...], BeforeValidator(json_list)] = ()
+    routing: RoutingSettings = RoutingSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -276,7 +253,42 @@ class Settings(_Section):
                 "upstream.url carries user:password (sent as Basic auth) and upstream.api_key "
                 "is set (sent as Bearer): the upstream gets one Authorization header; keep one"
             )
+        if self.upstreams and self.upstream.url:
+            raise ValueError(
+                "upstreams: [upstream] url and [[upstreams]] are both set; keep one "
+                "(a single [[upstreams]] entry is the same as [upstream])"
+            )
+        names = [entry.name for entry in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstreams: two upstreams have the same name")
         return self
+
+    @property
+    def upstream_list(self) -> tuple[Upstream, ...]:
+        """The upstreams requests go to, in the configured order."""
+        if not self.upstreams:
+            return (Upstream("default", self.upstream),)
+        base = self.upstream
+        return tuple(
+            Upstream(
+                entry.name,
+                base.model_copy(
+                    update={
+                        "url": entry.url,
+                        "api_key": entry.api_key,
+                        "organization": entry.organization,
+                        "project": entry.project,
+                        "connect_timeout": entry.connect_timeout or base.connect_timeout,
+                        "read_timeout": entry.read_timeout or base.read_timeout,
+                        "max_connections": entry.max_connections or base.max_connections,
+                    }
+                ),
+                entry.models,
+                entry.weight,
+                entry.routes,
+            )
+            for entry in self.upstreams
+        )
 
     @property
     def embedded_redis(self) -> bool:
@@ -284,10 +296,10 @@ class Settings(_Section):
 
     @property
     def demo_upstream(self) -> bool:
-        return not self.upstream.url
+        return not self.upstream.url and not self.upstreams
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     "server": ServerSettings,
     "redis": RedisSettings,
     "upstream": UpstreamSettings,
@@ -297,7 +309,10 @@ SECTIONS: dict[str, type[_Section]] = {
     "pricing": PricingSettings,
     "metering": MeteringSettings,
     "usage": UsageSettings,
+    "routing": RoutingSettings,
 }
+# What a reload may change; any other difference refuses the reload.
+LIVE = frozenset({"plans", "pricing", "metering", "upstream", "upstreams", "routing"})
 Overrides = Mapping[str, Mapping[str, Any]]
 
 
@@ -310,6 +325,7 @@ def load_settings(
     (`{"server": {"port": 9000}}`, named after their flags in errors); raise `ConfigError`."""
     env = os.environ if environ is None else environ
     where, data = _read_toml(path, env)
+    _refuse_file_keys(data, where)
     _validate(data, {}, default=where)  # the file as written, before anything is laid over it
     origins: dict[str, str] = {}
     merged = _with_environment(data, env, origins)
@@ -361,7 +377,52 @@ def _with_environment(
                     spec[window] = env[env_name]
                     origins[f"plans.{plan}.{window}"] = env_name
         merged["plans"] = plans
+    if "EDGE_UPSTREAMS" in env:
+        merged["upstreams"] = env["EDGE_UPSTREAMS"]
+        origins["upstreams"] = "EDGE_UPSTREAMS"
+    _with_provider_keys(merged, env, origins.get("upstreams", "config"))
     return merged
+
+
+def _refuse_file_keys(data: dict[str, Any], where: str) -> None:
+    """A provider key written into `[[upstreams]]`: refused (they are read from the
+    environment, so a config file can be shared, committed and shown)."""
+    entries = data.get("upstreams")
+    for n, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, dict) and "api_key" in entry:
+            raise ConfigError(
+                f"upstreams.{n}.api_key ({where}): provider keys are not read from files; "
+                "name the environment variable that holds it with api_key_env"
+            )
+
+
+def _with_provider_keys(merged: dict[str, Any], env: Mapping[str, str], where: str) -> None:
+    """Each `[[upstreams]]` entry's `api_key`, read from the variable its `api_key_env` names."""
+    entries = merged.get("upstreams")
+    if isinstance(entries, str):
+        try:
+            entries = json.loads(entries)
+        except ValueError:
+            return  # the validator says what is wrong with it
+    if not isinstance(entries, list):
+        return
+    entries = [dict(e) if isinstance(e, dict) else e for e in entries]
+    merged["upstreams"] = entries
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        if "api_key" in entry:
+            raise ConfigError(
+                f"upstreams.{n}.api_key ({where}): provider keys are not read from the "
+                "configuration; name the environment variable that holds it with api_key_env"
+            )
+        variable = entry.get("api_key_env")
+        if isinstance(variable, str) and variable:
+            if variable not in env:
+                raise ConfigError(
+                    f"upstreams.{n}.api_key_env ({where}): the variable {variable} is not set"
+                )
+            entry["api_key"] = env[variable]
 
 
 def _validate(
@@ -371,23 +432,6 @@ def _validate(
         return Settings.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise ConfigError("; ".join(_explain(exc, origins, default))) from None
-
-
-def error_place(error: ErrorDetails) -> list[str]:
-    """Where a pydantic error is, without validator-function entries."""
-    return [str(part) for part in error["loc"] if not str(part).startswith("function-")]
-
-
-def error_message(error: ErrorDetails, unknown: str = "unknown setting") -> str:
-    """A pydantic error's message, said plainly (shared by settings and request bodies)."""
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        return unknown
-    if error["type"] == "missing":
-        return "missing"
-    if error["type"] == "json_invalid":
-        return "the body is not valid JSON"
-    return message.removeprefix("Value error, ")
 
 
 def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> Iterator[str]:
@@ -409,3 +453,40 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> 
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_HELP.get(loc[0], message)
         yield f"{dotted} ({source}): {message}"
+
+
+def fixed_changes(old: Settings, new: Settings) -> list[str]:
+    """The settings outside `LIVE` that differ between `old` and `new` (dotted names): what a
+    reload cannot apply without a restart."""
+    changed = []
+    for section in Settings.model_fields:
+        if section in LIVE:
+            continue
+        before, after = getattr(old, section), getattr(new, section)
+        if before == after:
+            continue
+        if isinstance(before, BaseModel):
+            changed += [
+                f"{section}.{name}"
+                for name in type(before).model_fields
+                if getattr(before, name) != getattr(after, name)
+            ]
+        else:
+            changed.append(section)
+    return changed
+
+
+def live_changes(old: Settings, new: Settings) -> list[str]:
+    """The `LIVE` sections that differ between `old` and `new`."""
+    return [s for s in Settings.model_fields if s in LIVE and getattr(old, s) != getattr(new, s)]
+
+
+class Source(NamedTuple):
+    """Where a running edge's settings come from, so a reload can read them again (picklable:
+    workers get it)."""
+
+    path: str | None = None
+    overrides: Overrides | None = None
+
+    def load(self, environ: Mapping[str, str] | None = None) -> Settings:
+        return load_settings(self.path, environ, self.overrides)

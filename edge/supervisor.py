@@ -7,10 +7,11 @@ clients, upstream pool and event loop) running the same drain on SIGTERM. It rep
 that dies; on SIGTERM or SIGINT it passes SIGTERM on, waits for every worker to drain (up to
 `drain_delay + drain_timeout` and a margin), then removes the metrics directory and exits 0.
 
-A worker never outlives the supervisor: SIGHUP (a closed terminal, or an operator expecting a
-reload, which edge does not do yet) is ignored by supervisor and workers alike, with a log
-line, instead of killing the supervisor and leaving its workers serving the port; and each
-worker asks the kernel for SIGTERM the moment its parent dies (`PR_SET_PDEATHSIG`), so even a
+SIGHUP reloads the configuration (edge/reload.py): the supervisor reads it again (so a worker
+it starts later starts with it) and passes the signal on, SIGHUP to worker 0 (which audits the
+reload) and SIGUSR1 to the others; a worker asked through `POST /admin/reload` sends the
+supervisor SIGUSR1, which reloads every worker. A worker never outlives the supervisor: each
+asks the kernel for SIGTERM the moment its parent dies (`PR_SET_PDEATHSIG`), so even a
 SIGKILLed supervisor takes its workers with it (they drain as on any SIGTERM).
 
 Why not uvicorn's own `--workers`: its workers run uvicorn's plain server, which has no drain
@@ -19,6 +20,7 @@ and re-raises SIGTERM on the way out (exit -15), and it knows nothing of the met
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -29,13 +31,17 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from edge import logs
+from edge.app import Signals
 from edge.metrics.registry import MULTIPROC_ENV
+from edge.reload import pid_file
 from edge.server import listeners, run_server, worker_listeners
-from edge.settings import Settings
+from edge.settings import ConfigError, Settings, Source, fixed_changes
 
 log = logging.getLogger("edge.supervisor")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app could not start
@@ -56,32 +62,63 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(settings: Settings, demo_key: bool = False) -> int:
-    """`edge serve`: one process on the listeners, or a supervisor of `server.workers`."""
+def serve(settings: Settings, demo_key: bool = False, source: Source | None = None) -> int:
+    """`edge serve`: one process on the listeners, or a supervisor of `server.workers`; its
+    pid in `pid_file(port)` meanwhile, for `edge reload`."""
     logs.configure(settings.log.level)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # until the server's handlers are in place
+        signal.signal(sig, signal.SIG_IGN)
+    source = source or Source()
+    pid_path = pid_file(settings.server.port)
     if settings.server.workers > 1:
         sets = worker_listeners(settings, settings.server.workers)
-        return Supervisor(settings, sets).run()
+        with _pid_written(pid_path):
+            return Supervisor(settings, sets, source).run()
     sockets = listeners(settings)
     try:
-        return run_server(settings, sockets, demo_key=demo_key)
+        with _pid_written(pid_path):
+            return run_server(
+                settings, sockets, demo_key=demo_key, source=source, signals=Signals()
+            )
     finally:
         for sock in sockets:
             sock.close()
 
 
-def worker_main(settings: Settings, sockets: list[socket.socket], index: int, parent: int) -> None:
+@contextlib.contextmanager
+def _pid_written(path: Path) -> Iterator[None]:
+    try:
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as exc:  # a read-only /tmp: edge reload needs --pid then
+        log.warning("could not write %s: %s", path, exc.strerror)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+
+
+def worker_main(
+    settings: Settings, sockets: list[socket.socket], index: int, parent: int, source: Source
+) -> None:
     """One worker: a full edge on its own sockets (runs in a spawned process)."""
     logs.configure(settings.log.level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, and sends SIGTERM
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # until the server's handlers are in place
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent)
-    raise SystemExit(run_server(settings, sockets, banner=index == 0))
+    signals = Signals(audit=index == 0, supervisor=parent)
+    code = run_server(settings, sockets, banner=index == 0, source=source, signals=signals)
+    raise SystemExit(code)
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, sockets: list[list[socket.socket]]) -> None:
+    def __init__(
+        self, settings: Settings, sockets: list[list[socket.socket]], source: Source
+    ) -> None:
         self.settings = settings
+        self.source = source
         self.sockets = sockets  # per worker; a replacement takes over its predecessor's
         self.stopping = threading.Event()
         self.workers: list[BaseProcess] = []
@@ -92,7 +129,8 @@ class Supervisor:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers at spawn
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_hangup)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_reload)
         try:
             self.workers = [self._start(i) for i in range(self.settings.server.workers)]
             log.info("supervisor %d: %d workers", os.getpid(), len(self.workers))
@@ -109,13 +147,24 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.stopping.set()
 
-    def _on_hangup(self, sig: int, frame: FrameType | None) -> None:
-        log.warning("SIGHUP ignored: edge does not reload its configuration yet; restart it")
+    def _on_reload(self, sig: int, frame: FrameType | None) -> None:
+        """Read the configuration again for the workers started from now on, and have the
+        running ones reload theirs (each validates and logs on its own)."""
+        try:
+            settings = self.source.load()
+            if not fixed_changes(self.settings, settings):
+                self.settings = settings
+        except ConfigError:
+            pass  # the workers refuse it too, and say why
+        for index, worker in enumerate(self.workers):
+            if worker.is_alive() and worker.pid is not None:
+                audited = sig == signal.SIGHUP and index == 0
+                os.kill(worker.pid, signal.SIGHUP if audited else signal.SIGUSR1)
 
     def _start(self, index: int) -> BaseProcess:
         worker = self._context.Process(
             target=worker_main,
-            args=(self.settings, self.sockets[index], index, os.getpid()),
+            args=(self.settings, self.sockets[index], index, os.getpid(), self.source),
             name=f"edge-{index}",
         )
         worker.start()

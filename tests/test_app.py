@@ -54,7 +54,7 @@ async def test_exception_in_the_proxy_is_a_json_500(
         raise RuntimeError("kaboom-internal-detail")
 
     assert app.proxy.rt is not None
-    monkeypatch.setattr(app.proxy.rt.limiter, "admit", boom)
+    monkeypatch.setattr(app.proxy.live.limiter, "admit", boom)
     async with client(app) as c:
         resp = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 500

@@ -32,7 +32,10 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
     png = json_file.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
-    names = {"direct", "nginx", "edge-1w", "edge-1w-metered", "edge-1w-access", "edge-2w"}
+    names = {
+        "direct", "nginx", "edge-1w", "edge-1w-metered", "edge-1w-access", "edge-1w-routed",
+        "edge-2w",
+    }  # fmt: skip
     load = {(r["target"], r["connections"]): r for r in results["load"]}
     assert set(load) == {(n, c) for n in names for c in (1, 32, 128)}
     for (name, _), row in load.items():
@@ -40,7 +43,7 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
         if name != "direct":
             assert row["cpu_us_per_req"] > 0 and row["rss_mb"] > 0
             assert "added_p50_ms" in row and "vs_nginx" in row
-    for name in ("edge-1w", "edge-2w"):
+    for name in ("edge-1w", "edge-2w", "edge-1w-routed"):
         # exactly one Redis command (the admission EVALSHA) for every admitted request
         assert load[(name, 1)]["redis_cmds_per_req"] == 1.0
     # a metered key: the admission, and its settlement after the answer (a late one may miss

@@ -3,13 +3,13 @@ it, not even inside a function or only for type checking.
 
 edge's rooms, bottom to top (docs/development.md draws them):
 
-    foundations   settings, errors, keys, logs, urls, redis_urls: pure, no I/O
+    foundations   settings, setting_types, errors, keys, logs, urls, redis_urls: pure
     metrics       metrics/        the Prometheus families and their batched updates
     redis         redis/          clients, the request path's own client, scripts and lua/
     transport     transport/      the server protocol and the upstream client
     proxy         proxy/          the data plane: the /v1 handler and what one request needs
     control       control/        the control plane: store, records, admin API, dashboard
-    root          app, runtime, health, banner, demo, server, supervisor: the composition root
+    root          app, runtime, reload, health, banner, demo, server, supervisor: the root
     cli           cli/, __main__  the `edge` command
 
 A room may import its own modules and those of the rooms listed for it in ALLOWED; the data
@@ -27,13 +27,22 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge"
 ROOMS = {
-    "foundations": {"settings", "errors", "keys", "logs", "urls", "redis_urls", "__init__"},
+    "foundations": {
+        "settings",
+        "setting_types",
+        "errors",
+        "keys",
+        "logs",
+        "urls",
+        "redis_urls",
+        "__init__",
+    },
     "metrics": {"metrics"},
     "redis": {"redis"},
     "transport": {"transport"},
     "proxy": {"proxy"},
     "control": {"control"},
-    "root": {"app", "runtime", "health", "banner", "demo", "server", "supervisor"},
+    "root": {"app", "runtime", "reload", "health", "banner", "demo", "server", "supervisor"},
     "cli": {"cli", "__main__"},
 }
 BELOW = {

@@ -83,12 +83,12 @@ def test_an_exposition_includes_every_update_made_before_it() -> None:
     metrics = Metrics({"pro": Plan(rpm=10, rpd=100)})
     metrics.active.inc()
     metrics.count("pro", "allowed")
-    metrics.upstream_status("pro", 201)
+    metrics.upstream_status("pro", "default", 201)
     metrics.admitted.observe(0.0003)
     metrics.ttfb_by_plan["pro"].observe(0.02)
     text = metrics.exposition().decode()
     assert 'edge_requests_total{outcome="allowed",plan="pro"} 1.0' in text
-    assert 'edge_upstream_responses_total{plan="pro",status="2xx"} 1.0' in text
+    assert 'edge_upstream_responses_total{plan="pro",status="2xx",upstream="default"} 1.0' in text
     assert "edge_inflight_requests 1.0" in text
     assert 'edge_admission_seconds_bucket{le="0.0005"} 1.0' in text
     assert 'edge_admission_seconds_bucket{le="0.00025"} 0.0' in text

@@ -35,8 +35,8 @@ def test_contract_metrics(edge: EdgeProcess, upstream: FakeUpstream, make_key) -
 
     assert delta("edge_requests_total", plan="pro", outcome="allowed") == 4
     assert delta("edge_requests_total", plan="none", outcome="unauthorized") == 1
-    assert delta("edge_upstream_responses_total", plan="pro", status="2xx") == 3
-    assert delta("edge_upstream_responses_total", plan="pro", status="4xx") == 1
+    assert delta("edge_upstream_responses_total", plan="pro", upstream="default", status="2xx") == 3
+    assert delta("edge_upstream_responses_total", plan="pro", upstream="default", status="4xx") == 1
     assert delta("edge_admission_seconds_count") == 4
     assert delta("edge_upstream_ttfb_seconds_count", plan="pro") == 4
     assert value(after, "edge_inflight_requests") == 0

@@ -60,14 +60,15 @@ async def test_an_edge_bug_in_the_upstream_call_is_a_logged_500(
     key, _ = new_key(redis_server.url, "pro")
     env = {"EDGE_REDIS_URL": redis_server.url, "EDGE_UPSTREAM_URL": "http://127.0.0.1:9/v1"}
     async with open_runtime(load_settings(CONFIG, env)) as rt:
-        real = rt.upstream
-        rt.upstream = BrokenPool()  # type: ignore[assignment]
+        target = rt.live.router.first
+        real = target.pool
+        target.pool = BrokenPool()  # type: ignore[assignment]
         proxy = Proxy()
         proxy.bind(rt)
         try:
             start, body = await call(proxy, key)
         finally:
-            rt.upstream = real
+            target.pool = real
     assert start["status"] == 500
     error = orjson.loads(body["body"])["error"]
     assert (error["type"], error["code"]) == ("server_error", "internal_error")

@@ -299,7 +299,7 @@ class Started:
 
 
 @pytest.mark.multiproc
-def test_sighup_keeps_the_supervisor_and_workers_never_outlive_it(
+def test_sighup_reloads_and_workers_never_outlive_the_supervisor(
     spawn_edge: Spawn, redis_server: RedisServer, upstream: FakeUpstream, make_key: MakeKey
 ) -> None:
     """After SIGHUP the supervisor lives, two workers are its children and serve; SIGTERM

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -25,7 +27,7 @@ from edge.control.usage import MAX_DAY_ROWS, total
 from edge.errors import RedisUnavailable
 from edge.redis import clients as connection
 from edge.redis.scripts import Scripts
-from edge.settings import ConfigError, Settings, load_settings
+from edge.settings import ConfigError, Settings, Source, load_settings
 
 CLI_REDIS_TIMEOUT = 5.0
 ACTOR = "cli"
@@ -41,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "reload":
+            return _reload(args)
         settings = load_settings(args.config)
         if args.command == "plans":
             return _plans(settings, args.json)
@@ -59,11 +63,38 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {"host": args.host, "port": args.port, "workers": args.workers}
     server = {name: value for name, value in flags.items() if value is not None}
     admin = {"port": args.admin_port} if args.admin_port is not None else {}
-    settings = load_settings(args.config, overrides={"server": server, "admin": admin})
+    source = Source(args.config, {"server": server, "admin": admin})
+    settings = source.load()
     try:
-        return serve(settings, demo_key=args.demo_key)
+        return serve(settings, demo_key=args.demo_key, source=source)
     except OSError as exc:  # the port is taken, the address is not ours, …
         return out.fail(f"cannot listen: {exc.strerror or exc}", EXIT_FAILED)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """`edge reload`: SIGHUP to the `edge serve` on this configuration's port (or `--pid`)."""
+    from edge.reload import pid_file
+
+    pid = args.pid
+    if pid is None:
+        port = args.port or load_settings(args.config).server.port
+        path = pid_file(port)
+        try:
+            pid = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return out.fail(
+                f"no running edge serve found for port {port} ({path} is missing); "
+                "give --port or --pid",
+                EXIT_FAILED,
+            )
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return out.fail(f"no process {pid}: is edge serve running?", EXIT_FAILED)
+    except PermissionError:
+        return out.fail(f"not allowed to signal process {pid}", EXIT_FAILED)
+    print(f"sent SIGHUP to edge (pid {pid}); its log says whether the configuration was applied")
+    return 0
 
 
 def _pricing(settings: Settings, as_json: bool) -> int:

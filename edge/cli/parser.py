@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="embedded Redis with a real upstream: create a demo key and print it",
     )
+    reload = sub.add_parser(
+        "reload", parents=[common], help="reload the running edge's configuration (SIGHUP)"
+    )
+    reload.add_argument("--pid", type=int, help="the edge serve process (default: its pid file)")
+    reload.add_argument("--port", type=int, help="the port edge serve listens on (default: config)")
     sub.add_parser("plans", parents=[common], help="list the configured plans")
     sub.add_parser("pricing", parents=[common], help="the configured prices")
     audit = sub.add_parser("audit", parents=[common], help="the admin changes, newest first")

@@ -55,11 +55,12 @@ from edge.control.specs import (
 from edge.control.store import Conflict, KeyNotFound, KeyStore, StoreError
 from edge.control.usage import summed, total, zeros
 from edge.errors import RedisUnavailable
-from edge.settings import Settings
+from edge.settings import ConfigError, Settings
 
 log = logging.getLogger("edge.control.admin_api")
 Spec = TypeVar("Spec", bound=BaseModel)
 Handler = Callable[[Request, KeyStore], Awaitable[Response]]
+Reload = Callable[[str], Awaitable[list[str]]]  # the actor → the sections it changed
 MAX_BODY = 64 * 1024
 
 
@@ -75,9 +76,10 @@ def record(rec: KeyRecord, status: int = 200, key: str | None = None) -> Respons
 class AdminApi:
     """The `/admin` routes over one store; `token` is the admin token's value."""
 
-    def __init__(self, store: KeyStore, token: str) -> None:
+    def __init__(self, store: KeyStore, token: str, reload: Reload | None = None) -> None:
         self.store = store
         self._token = token.encode()
+        self._reload = reload
         self.router = Router(
             routes=[
                 Route("/keys", self._wrap(create), methods=["POST"]),
@@ -95,6 +97,7 @@ class AdminApi:
                 Route("/plans", self._wrap(plans), methods=["GET"]),
                 Route("/pricing", self._wrap(pricing), methods=["GET"]),
                 Route("/audit", self._wrap(audit), methods=["GET"]),
+                Route("/reload", self._wrap(self._reloaded), methods=["POST"]),
                 # the dashboard: static, public; everything it shows comes from the API above
                 Route("/", dashboard, methods=["GET", "HEAD"]),
                 Mount("/ui", app=StaticFiles(packages=[("edge.control", "admin_ui")])),
@@ -122,6 +125,16 @@ class AdminApi:
                 return errors.error_response(errors.Unprocessable(str(exc)))
 
         return endpoint
+
+    async def _reloaded(self, request: Request, store: KeyStore) -> Response:
+        """`POST /admin/reload`: read the configuration again and apply it (edge/reload.py)."""
+        if self._reload is None:
+            raise errors.ServiceUnavailable("This edge cannot reload its configuration.")
+        try:
+            changed = await self._reload(actor(request))
+        except ConfigError as exc:
+            raise errors.Unprocessable(str(exc), code="invalid_config") from None
+        return json({"reloaded": True, "changed": changed})
 
     def _authorized(self, request: Request) -> bool:
         value = request.headers.get("authorization", "")

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from edge.settings import error_message, error_place
+from edge.setting_types import error_message, error_place
 
 MAX_SECONDS = 100 * 365 * 86_400  # expiry, grace: whole seconds up to 100 years
 MAX_UNIX = 10**11  # an absolute time edge accepts (year ~5138), 11 digits

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -55,7 +56,6 @@ LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 
 class Metrics:
     def __init__(self, plans: Mapping[str, Plan]) -> None:
-        plan_table = dict(plans)
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter(
@@ -83,9 +83,22 @@ class Metrics:
         )
         self.upstream_responses = Counter(
             "edge_upstream_responses",
-            "Upstream responses by status class",
-            ["plan", "status"],
+            "Upstream responses by upstream and status class",
+            ["plan", "upstream", "status"],
             registry=r,
+        )
+        self.upstream_failovers = Counter(
+            "edge_upstream_failovers",
+            "Requests sent on to another upstream, and why (unreachable, or the status)",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.upstream_available = Gauge(
+            "edge_upstream_available",
+            "1 while an upstream takes traffic, 0 while its circuit breaker holds it out",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.inflight = Gauge(
             "edge_inflight_requests",
@@ -120,44 +133,68 @@ class Metrics:
             registry=r,
         )
 
-        # The request path's metrics, batched (metric_batch.py); the rest are rare.
-        labels = [*plan_table, NO_PLAN, UNKNOWN_PLAN]
-        self.outcome = {
-            (plan, outcome): Tally(self.requests.labels(plan, outcome))
-            for plan in labels
-            for outcome in OUTCOMES
-        }
-        self.ttfb_by_plan = {plan: Observations(self.ttfb.labels(plan)) for plan in labels}
-        self.status_by_plan = {
-            (plan, cls): Tally(self.upstream_responses.labels(plan, cls))
-            for plan in labels
-            for cls in STATUS_CLASSES
-        }
+        # The request path's metrics, batched (metric_batch.py); the rest are rare. Label
+        # children are bound per plan when the plan table is set (at start, and on a reload).
+        self.outcome: dict[tuple[str, str], Tally] = {}
+        self.ttfb_by_plan: dict[str, Observations] = {}
+        self.status_by: dict[tuple[str, str, str], Tally] = {}
+        self.fail_open: dict[str, Any] = {}
+        self.tokens_by: dict[tuple[str, str, str], Tally] = {}
+        self.credits_by_plan: dict[str, Tally] = {}
         self.admitted = Observations(self.admission)
         self.active = Level(self.inflight)
-        self._batches: list[Tally | Observations | Level] = [
-            *self.outcome.values(),
-            *self.ttfb_by_plan.values(),
-            *self.status_by_plan.values(),
-            self.admitted,
-            self.active,
-        ]
+        self._batches: list[Tally | Observations | Level] = [self.admitted, self.active]
         self._flusher: asyncio.TimerHandle | None = None
         self.redis_error = {kind: self.redis_errors.labels(kind) for kind in REDIS_ERROR_KINDS}
-        self.fail_open = {plan: self.fail_open_admissions.labels(plan) for plan in labels}
-        # batched too: a metered request adds to them after every answer
-        self.tokens_by = {
-            (plan, direction, source): Tally(self.tokens.labels(plan, direction, source))
-            for plan in labels
-            for direction in TOKEN_DIRECTIONS
-            for source in TOKEN_SOURCES
-        }
-        self.credits_by_plan = {plan: Tally(self.credits_charged.labels(plan)) for plan in labels}
-        self._batches += [*self.tokens_by.values(), *self.credits_by_plan.values()]
-        for name, plan in plan_table.items():
+        self.plans: frozenset[str] = frozenset()
+        for plan in (NO_PLAN, UNKNOWN_PLAN):
+            self._bind(plan)
+        self.set_plans(plans)
+
+    def set_plans(self, plans: Mapping[str, Plan]) -> None:
+        """The plan table's labels and limits (a reload may add, change or remove plans; a
+        removed plan's counters stay, as counters do)."""
+        for name in self.plans - set(plans):
+            for window in ("minute", "day"):
+                self.plan_limit.remove(name, window)
+        for name, plan in plans.items():
+            self._bind(name)
             self.plan_limit.labels(name, "minute").set(plan.rpm)
             self.plan_limit.labels(name, "day").set(plan.rpd)
-        self.plans = frozenset(plan_table)
+        self.plans = frozenset(plans)
+
+    def _bind(self, plan: str) -> None:
+        if plan in self.ttfb_by_plan:
+            return
+        for outcome in OUTCOMES:
+            self.outcome[(plan, outcome)] = self._tally(self.requests.labels(plan, outcome))
+        self.ttfb_by_plan[plan] = Observations(self.ttfb.labels(plan))
+        self._batches.append(self.ttfb_by_plan[plan])
+        self.fail_open[plan] = self.fail_open_admissions.labels(plan)
+        for direction in TOKEN_DIRECTIONS:
+            for source in TOKEN_SOURCES:
+                child = self.tokens.labels(plan, direction, source)
+                self.tokens_by[(plan, direction, source)] = self._tally(child)
+        self.credits_by_plan[plan] = self._tally(self.credits_charged.labels(plan))
+
+    def _tally(self, child: Any) -> Tally:
+        tally = Tally(child)
+        self._batches.append(tally)
+        return tally
+
+    def upstream_status(self, plan: str, upstream: str, status: int) -> None:
+        cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+        tally = self.status_by.get((plan, upstream, cls))
+        if tally is None:  # bounded: plans x configured upstreams x status classes
+            child = self.upstream_responses.labels(plan, upstream, cls)
+            tally = self.status_by[(plan, upstream, cls)] = self._tally(child)
+        tally.inc()
+
+    def failover(self, source: str, target: str, reason: str) -> None:
+        self.upstream_failovers.labels(source, target, reason).inc()
+
+    def available(self, upstream: str, up: bool) -> None:
+        self.upstream_available.labels(upstream).set(1 if up else 0)
 
     def label(self, plan: str) -> str:
         """The plan label for a record's plan name; never an unbounded value."""
@@ -165,10 +202,6 @@ class Metrics:
 
     def count(self, plan: str, outcome: str) -> None:
         self.outcome[(plan, outcome)].inc()
-
-    def upstream_status(self, plan: str, status: int) -> None:
-        cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
-        self.status_by_plan[(plan, cls)].inc()
 
     def flush(self) -> None:
         """Hand the request path's batched updates to prometheus-client."""

@@ -109,6 +109,20 @@ class Exchange:
         self.decision, self.plan, self.outcome = decision, plan, "allowed"
         self.rate_headers = rate_limit_headers(decision)
 
+    async def answer_json(self, body: bytes) -> None:
+        """A 200 JSON answer edge made itself (with the rate-limit headers)."""
+        self.started, self.status = True, 200
+        if self.note is not None:
+            self.note.response_bytes = len(body)
+        self.stop()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            *self.rate_headers,
+        ]
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def fail(self, err: errors.EdgeError, outcome: str, extra: Headers | None = None) -> None:
         """Answer with `err` (plus this request's rate-limit headers) and record the outcome.
 

@@ -1,10 +1,10 @@
 """The /v1 data plane: a raw ASGI handler that authenticates, admits and relays.
 
 Per request: check the target and headers (`policy.py`, no I/O) → parse the key (no I/O) → one
-`admit.lua` call → the upstream request through the process's keep-alive pool
-(`transport/upstream/`), with the client's key swapped for the provider's and hop-by-hop
-headers dropped → the upstream's status, headers and bytes relayed piece by piece as they
-arrive, never decoded or buffered whole.
+`admit.lua` call → the upstream request through the keep-alive pool of its upstream (with
+several, `routing.py` picks by the body's model and fails over), with the client's key swapped
+for the provider's and hop-by-hop headers dropped → the upstream's status, headers and bytes
+relayed piece by piece as they arrive (`relay.py`), never decoded or buffered whole.
 
 The upstream client's errors are translated here and nowhere else; anything else that escapes
 is an edge bug, logged with its traceback and answered 500.
@@ -17,23 +17,21 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge import errors
 from edge.errors import RedisUnavailable
-from edge.keys import KeyFormat, ParsedKey, bearer_token
+from edge.keys import KeyFormat, ParsedKey, bearer_token, record_key
 from edge.logs import Throttle
 from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
 from edge.proxy.access import AccessLog, upstream_request_id
 from edge.proxy.access import entry as access_entry
 from edge.proxy.admission import (
-    HAS_BALANCE,
     MODEL_NOT_READ,
     NO_BODY,
     NO_LIMIT,
     Code,
     Decision,
-    Limiter,
     model_state,
     rejection,
 )
@@ -49,7 +47,9 @@ from edge.proxy.exchange import (
 )
 from edge.proxy.fail_open import FailOpen
 from edge.proxy.hints import KidHints
-from edge.proxy.metering import METERED_ROUTES, Meter, Pricing, UnusableBody, prepare
+from edge.proxy.live import Live
+from edge.proxy.metering import METERED_ROUTES, Meter, UnusableBody, prepare
+from edge.proxy.models_list import NoList, scope_models, union
 from edge.proxy.policy import (
     ALLOW,
     API_PREFIX,
@@ -60,16 +60,14 @@ from edge.proxy.policy import (
     body_model,
     forwarded_headers,
     inbound_headers,
-    provider_headers,
-    response_headers,
     upstream_target,
 )
+from edge.proxy.relay import Relay
+from edge.proxy.routing import Target
 from edge.proxy.settlement import Settler
-from edge.proxy.sinks import counted, metered
+from edge.redis.failures import FAILURES
 from edge.settings import Settings
-from edge.transport.upstream.errors import BadResponse, PoolFull, UpstreamError, describe
-from edge.transport.upstream.pool import UpstreamPool
-from edge.transport.upstream.response import Response, Sink
+from edge.transport.upstream.errors import PoolFull, UpstreamError
 
 
 class Resources(Protocol):
@@ -77,11 +75,10 @@ class Resources(Protocol):
     `Runtime` has these; the data plane knows nothing else of it)."""
 
     settings: Settings
-    limiter: Limiter
-    upstream: UpstreamPool
+    redis: Any  # a StoreClient: a scoped key's model list reads its scopes
+    live: Live  # the reloadable part, as it was at start-up
     metrics: Metrics
     key_format: KeyFormat
-    pricing: Pricing
     settler: Settler
     access: AccessLog | None
 
@@ -117,13 +114,21 @@ class Proxy:
             if redis.fail_open
             else None
         )
-        self._provider = provider_headers(rt.settings.upstream)
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
-        self._base_path = rt.upstream.origin.base_path
-        # keys with a balance are metered when tokens have prices
-        self._priced_flag = HAS_BALANCE if rt.pricing.token_priced else 0
-        self._inject = rt.settings.metering.stream_usage == "inject"
         self._access = rt.access
+        self._relay = Relay(self._log_throttled)
+        self._answer = self._relay.answer
+        self.live = rt.live
+
+    def swap(self, live: Live) -> None:
+        """A reload: requests from now on use `live`; those under way keep theirs."""
+        self.live = live
+
+    def refresh_available(self) -> None:
+        """`edge_upstream_available` as of now (a breaker's cooldown ends without traffic)."""
+        if self.rt is not None:
+            for target in self.live.router.targets:
+                self.rt.metrics.available(target.name, target.breaker.available())
 
     def key_changed(self, kid: str) -> None:
         """A key was changed through this instance's admin API (`KeyStore.on_change`)."""
@@ -142,7 +147,7 @@ class Proxy:
             ex.note = AccessNote()
         rt.metrics.active.inc()
         try:
-            await self._handle(rt, ex)
+            await self._handle(rt, self.live, ex)
         except asyncio.CancelledError:
             if not ex.client_gone:
                 raise
@@ -164,7 +169,7 @@ class Proxy:
                 known = ex.kid if ex.note.plan is not None else None
                 self._access.add(access_entry(ex, ex.note, self._trusted), known)
 
-    async def _handle(self, rt: Resources, ex: Exchange) -> None:
+    async def _handle(self, rt: Resources, live: Live, ex: Exchange) -> None:
         scope = ex.scope
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope["query_string"]
@@ -185,7 +190,7 @@ class Proxy:
         ex.kid = key.kid
         route = raw_path[len(API_PREFIX) :].decode("ascii")  # ASCII: checked by the policy
         try:
-            decision = await self._admit(rt, ex, key, route)
+            decision = await self._admit(live, ex, key, route)
         except RedisUnavailable as exc:
             self._log_throttled("redis", "Redis unavailable (%s): %s", exc.kind, exc.detail)
             fallback = self._fail_open.admit(key) if self._fail_open else None
@@ -209,10 +214,12 @@ class Proxy:
         ex.admitted(decision, rt.metrics.label(decision.plan))
         if ex.note is not None:
             ex.note.plan = decision.plan
-        target = upstream_target(self._base_path, raw_path, query)
-        await self._forward(rt, ex, target, inbound, key.kid, route)
+        if route == "models" and ex.method == "GET" and not live.router.single:
+            await self._list_models(rt, live, ex, inbound, key.kid)
+            return
+        await self._forward(rt, live, ex, raw_path, query, inbound, key.kid, route)
 
-    async def _admit(self, rt: Resources, ex: Exchange, key: ParsedKey, route: str) -> Decision:
+    async def _admit(self, live: Live, ex: Exchange, key: ParsedKey, route: str) -> Decision:
         """One admit.lua call; two only the first time a key with model scopes is seen.
 
         Only keys with model scopes have their body read before admission (to give the script
@@ -227,9 +234,9 @@ class Proxy:
         """
         hinted = key.hash in self._model_scoped
         model = await self._model(ex) if hinted else MODEL_NOT_READ
-        decision = await rt.limiter.admit(key, route, model)
+        decision = await live.limiter.admit(key, route, model)
         if decision.code == Code.NEED_MODEL:
-            decision = await rt.limiter.admit(key, route, await self._model(ex))
+            decision = await live.limiter.admit(key, route, await self._model(ex))
         if decision.model_scoped != hinted and decision.code not in SHORT_REPLIES:
             self._model_scoped.note(key.hash, decision.model_scoped)
         if self._fail_open:
@@ -269,22 +276,27 @@ class Proxy:
         await ex.fail(error, answer.outcome, answer.headers)
 
     async def _forward(
-        self, rt: Resources, ex: Exchange, target: bytes, inbound: Inbound, kid: str, route: str
-    ) -> None:
+        self, rt: Resources, live: Live, ex: Exchange, raw_path: bytes, query: bytes,
+        inbound: Inbound, kid: str, route: str,
+    ) -> None:  # fmt: skip
         d = ex.decision
+        router = live.router
         meter = None
         headers = inbound.headers
         data: bytes | AsyncIterator[bytes] | None
         try:
             if (
                 d is not None
-                and (d.tpm != NO_LIMIT or d.tpd != NO_LIMIT or d.flags & self._priced_flag)
+                and (d.tpm != NO_LIMIT or d.tpd != NO_LIMIT or d.flags & live.priced_flag)
                 and route in METERED_ROUTES
             ):  # a metered key (a token limit, or a balance while tokens have prices) on a
                 # route whose answers use tokens: see metering.py; every other key skips it all
-                data, meter = await self._meter(ex, route)
+                data, meter = await self._meter(ex, route, live.inject)
                 headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
             else:
+                if not router.single and ex.method not in BODYLESS and not router.claimed(route):
+                    # several upstreams: the body's model says which (read whole, kept)
+                    await ex.read_body(self.policy.max_body, inbound.length is not None)
                 data = await ex.request_body(self.policy.max_body, inbound.length is not None)
         except ClientGone:
             return  # admitted and charged: counted as allowed, nothing left to answer
@@ -293,16 +305,28 @@ class Proxy:
             return
         except UnusableBody as exc:  # nothing was sent: the request price goes back
             if d is not None and d.has_balance:
-                await self._refund(rt, kid)
+                await self._refund(live, kid)
             unusable = errors.BadRequest(exc.problem, code="invalid_body", param="model")
             await ex.fail(unusable, "bad_request")
             return
+        if router.single:
+            targets = [router.first]
+        else:
+            model = meter.model if meter is not None else None
+            chosen, model = router.choose(route, meter is not None, model, data)
+            if ex.note is not None and model is not None:
+                ex.note.model = model
+            if isinstance(chosen, errors.EdgeError):  # nothing was sent: nothing is charged
+                if d is not None and d.has_balance:
+                    await self._refund(live, kid)
+                await ex.fail(chosen, "bad_request")
+                return
+            targets = chosen if data is None or isinstance(data, bytes) else chosen[:1]
         client = ex.scope.get("client")
         peer = client[0] if client else None
         trusted = self._trusted.trusts(peer)
         scheme = ex.scope.get("scheme", "http")
-        forwarding = forwarded_headers(inbound.forwarding, peer, scheme, trusted)
-        headers = headers + forwarding + self._provider
+        headers = headers + forwarded_headers(inbound.forwarding, peer, scheme, trusted)
         method = ex.method
         length: int | None
         if isinstance(data, bytes):
@@ -318,145 +342,118 @@ class Proxy:
             note.model = meter.model if meter is not None else note.model
         sent = perf_counter()
         rt.metrics.admitted.observe(sent - ex.start)
-        try:
-            resp = await rt.upstream.request(method, target, headers, data, length)
-        except (UpstreamError, ClientGone, BodyTooLarge) as exc:
-            never_sent = isinstance(exc, UpstreamError) and exc.never_sent
-            if never_sent and d is not None and d.has_balance:
-                await self._refund(rt, kid)
-            if ex.client_gone:
+        last = len(targets) - 1
+        for attempt, target in enumerate(targets):
+            upstream_path = upstream_target(target.base_path, raw_path, query)
+            try:
+                resp = await target.pool.request(
+                    method, upstream_path, headers + target.provider, data, length
+                )
+            except (UpstreamError, ClientGone, BodyTooLarge) as exc:
+                failed = isinstance(exc, UpstreamError)
+                if failed and not isinstance(exc, PoolFull):  # PoolFull: edge's own limit
+                    self._failed(rt, target)
+                never_sent = failed and exc.never_sent  # type: ignore[union-attr]
+                if never_sent and attempt < last and not ex.client_gone:
+                    rt.metrics.failover(target.name, targets[attempt + 1].name, "unreachable")
+                    continue
+                if never_sent and d is not None and d.has_balance:
+                    await self._refund(live, kid)
+                if ex.client_gone:
+                    return
+                if ex.too_large:
+                    await ex.fail(self.policy.too_large(), "bad_request")
+                    return
+                assert isinstance(exc, UpstreamError)
+                await ex.fail(self._relay.error(exc, target.name), "upstream_error")
                 return
-            if ex.too_large:
-                await ex.fail(self.policy.too_large(), "bad_request")
-                return
-            assert isinstance(exc, UpstreamError)
-            await ex.fail(self._upstream_error(exc), "upstream_error")
-            return
-        except asyncio.CancelledError:
-            if meter is not None and d is not None and ex.client_gone:
-                # left while the upstream was at work on it: its request is charged
-                self._settle(rt, ex, kid, d, meter)
-            raise
+            except asyncio.CancelledError:
+                if meter is not None and d is not None and ex.client_gone:
+                    # left while the upstream was at work on it: its request is charged
+                    self._settle(rt, live, ex, kid, d, meter)
+                raise
+            rt.metrics.upstream_status(ex.plan, target.name, resp.status)
+            if resp.status in router.failover_statuses:
+                self._failed(rt, target)
+                if attempt < last:  # nothing has reached the client: the next one may serve
+                    rt.metrics.failover(target.name, targets[attempt + 1].name, str(resp.status))
+                    resp.close()
+                    continue
+            else:
+                target.breaker.succeeded()
+            break
         streamed = not (data is None or isinstance(data, bytes))
         if streamed and ex.link is not None and ex.link.cycle.more_body:
             ex.link.end_after_answer()  # answered before the upload ended: read no more of it
         try:
             ttfb = perf_counter() - sent
             rt.metrics.ttfb_by_plan[ex.plan].observe(ttfb)
-            rt.metrics.upstream_status(ex.plan, resp.status)
             if note is not None:
                 note.ttfb, note.upstream_id = ttfb, upstream_request_id(resp.headers)
-            await self._relay(resp, ex, meter)
+            await self._answer(resp, ex, meter)
         finally:
             resp.close()
             if meter is not None and d is not None:  # after the last byte, even a cut one
-                self._settle(rt, ex, kid, d, meter)
+                self._settle(rt, live, ex, kid, d, meter)
+
+    def _failed(self, rt: Resources, target: Target) -> None:
+        target.breaker.failed()
+        if not target.breaker.available():
+            rt.metrics.available(target.name, False)
+            self._log_throttled(
+                f"cooldown-{target.name}", "upstream %s held out for %g s after failures",
+                target.name, target.breaker.cooldown,
+            )  # fmt: skip
+
+    async def _list_models(
+        self, rt: Resources, live: Live, ex: Exchange, inbound: Inbound, kid: str
+    ) -> None:
+        """`GET /v1/models` with several upstreams: the union of their lists (models_list.py)."""
+        d = ex.decision
+        scopes = None
+        if d is not None and d.model_scoped:
+            try:
+                scopes = scope_models(await rt.redis.hget(record_key(kid), "scopes"))
+            except FAILURES:
+                await ex.fail(
+                    errors.RedisUnavailable("connection", "reading scopes"), "unavailable"
+                )
+                return
+        try:
+            body = await union(live.router.targets, inbound.headers, scopes)
+        except NoList:
+            self._log_throttled("models", "no upstream answered GET /models")
+            await ex.fail(errors.UpstreamUnreachable(), "upstream_error")
+            return
+        await ex.answer_json(body)
 
     @staticmethod
-    def _settle(rt: Resources, ex: Exchange, kid: str, d: Decision, meter: Meter) -> None:
+    def _settle(
+        rt: Resources, live: Live, ex: Exchange, kid: str, d: Decision, meter: Meter
+    ) -> None:
         usage = meter.usage()
-        rt.settler.submit(kid, ex.plan, d, meter.model, usage)
+        rt.settler.submit(kid, ex.plan, d, meter.model, usage, live.pricing)
         if ex.note is not None:
             ex.note.tokens = (usage.input, usage.output)
 
-    async def _meter(self, ex: Exchange, route: str) -> tuple[bytes | None, Meter]:
+    async def _meter(self, ex: Exchange, route: str, inject: bool) -> tuple[bytes | None, Meter]:
         """A metered request's whole body as it goes upstream (see metering.prepare), and the
         Meter of its answer. Raises UnusableBody, ClientGone or BodyTooLarge."""
         framed = any(name == b"content-length" for name, _ in ex.scope["headers"])
         body = await ex.read_body(self.policy.max_body, framed)
         if not body and ex.method in BODYLESS:
             return None, Meter(None, 0, False)
-        prepared = prepare(body, route, self._inject)
+        prepared = prepare(body, route, inject)
         if prepared.problem is not None:
             raise UnusableBody(prepared.problem)
         return prepared.body, Meter(prepared.model, len(body), prepared.strip)
 
-    async def _relay(self, resp: Response, ex: Exchange, meter: Meter | None = None) -> None:
-        """Send the upstream's answer on: in one write when it is already whole, else piece by
-        piece as it arrives. A cut upstream body ends the client's response without its
-        final chunk (the connection closes), so a cut answer is never mistaken for a whole
-        one. A metered request's answer passes through its `meter` on the way."""
-        send = ex.send
-        ex.started = True
-        ex.status = resp.status
-        headers = response_headers(resp.headers)
-        if meter is not None:
-            meter.start(resp.status, resp.headers)
-            if meter.changes_bytes:  # a chunk may be taken out: the length is edge's to frame
-                headers = [(n, v) for n, v in headers if n != b"content-length"]
-        headers += ex.rate_headers
-        link = ex.link
-        if resp.done and link is not None:  # the whole answer is in: one write, if it can be
-            body = await resp.read()
-            if meter is not None:
-                body = meter.observe(body) + meter.end()
-            if ex.note is not None:
-                ex.note.response_bytes = len(body)
-            ex.stop()
-            if link.cycle.answer(resp.status, headers, body):
-                return
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
-        if link is not None and link.cycle.start_stream(resp.status, headers, resp.has_body):
-            # Under edge's server: from here the upstream connection's own callback writes
-            # each piece to the client as it arrives (Response.pipe); this task just waits.
-            link.on_writable = resp.resume
-            sink: Sink = link.cycle.pipe_body
-            if meter is not None:
-                sink = metered(meter, sink)
-            if ex.note is not None:
-                sink = counted(ex.note, sink)
-            try:
-                await resp.pipe(sink)
-            except UpstreamError as exc:
-                self._cut(ex, describe(exc))
-            finally:
-                link.on_writable = None
-            ex.stop()
-            return
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        try:
-            while True:
-                chunk = await resp.read()
-                if meter is not None:
-                    chunk = meter.observe(chunk) + (meter.end() if resp.done else b"")
-                if ex.note is not None:
-                    ex.note.response_bytes += len(chunk)
-                if resp.done:  # read() hands over all that arrived: this is the last piece
-                    ex.stop()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except UpstreamError as exc:
-            self._cut(ex, describe(exc))
-
-    async def _refund(self, rt: Resources, kid: str) -> None:
+    async def _refund(self, live: Live, kid: str) -> None:
         """The upstream never got the request: give its credit back (docs/guarantees.md)."""
         try:
-            await rt.limiter.refund(kid)
+            await live.limiter.refund(kid)
         except RedisUnavailable as exc:
             self._log_throttled("refund", "could not refund a credit to key %s: %s", kid, exc.kind)
-
-    def _cut(self, ex: Exchange, why: str) -> None:
-        ex.stop()
-        ex.outcome = "upstream_cut"
-        self._log_throttled(
-            "upstream-cut", "upstream body cut mid-way (%s); ending the client's response", why
-        )
-
-    def _upstream_error(self, exc: UpstreamError) -> errors.EdgeError:
-        if isinstance(exc, PoolFull):  # edge's own limit, not the upstream's slowness
-            self._log_throttled("upstream-busy", "upstream pool full: %s", describe(exc))
-            return errors.UpstreamBusy()
-        if exc.timeout:  # connect and read deadlines alike
-            self._log_throttled("upstream-timeout", "upstream timed out: %s", describe(exc))
-            return errors.UpstreamTimeout()
-        if isinstance(exc, BadResponse):
-            self._log_throttled("upstream-bad", "bad upstream response: %s", describe(exc))
-            return errors.BadUpstreamResponse()
-        self._log_throttled("upstream-error", "upstream unreachable: %s", describe(exc))
-        return errors.UpstreamUnreachable()
 
     def _log_throttled(self, key: str, msg: str, *args: object) -> None:
         ok, suppressed = self._throttle.allow(key)

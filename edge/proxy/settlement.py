@@ -54,19 +54,20 @@ class Settler:
     call goes out at once on the request path's own Redis connection and a callback reads its
     reply. A call that cannot go out that way, or fails, is retried by a task (`_retry`)."""
 
-    def __init__(self, limiter: Limiter, pricing: Pricing, metrics: Metrics) -> None:
-        self.limiter = limiter
-        self.pricing = pricing
+    def __init__(self, limiter: Limiter, metrics: Metrics) -> None:
+        self.limiter = limiter  # settle.lua's caller (retention days cannot change live)
         self.metrics = metrics
         self._pending: set[asyncio.Future[Any]] = set()
 
     def submit(
-        self, kid: str, plan: str, decision: Decision, model: str | None, usage: Usage
-    ) -> None:
-        """Settle `usage` for `kid` (`plan`: its metrics label) in the background."""
+        self, kid: str, plan: str, decision: Decision, model: str | None, usage: Usage,
+        pricing: Pricing,
+    ) -> None:  # fmt: skip
+        """Settle `usage` for `kid` (`plan`: its metrics label) in the background, at the
+        prices the request started with."""
         cost = 0
         if decision.has_balance:  # an unlimited key spends no credits
-            cost = self.pricing.cost_micros(self.pricing.price(model), usage)
+            cost = pricing.cost_micros(pricing.price(model), usage)
         source = "reported" if usage.reported else "estimated"
         self.metrics.tokens_by[(plan, "input", source)].inc(usage.input)
         self.metrics.tokens_by[(plan, "output", source)].inc(usage.output)

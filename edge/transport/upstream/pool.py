@@ -61,6 +61,7 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._retired = False
 
     def head(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], length: int | None
@@ -107,6 +108,18 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_exception(ConnectFailed("the upstream pool is closed"))
         await asyncio.sleep(0)  # let the transports close
+
+    def retire(self) -> None:
+        """A reload replaced this pool: the requests using it (streams included) finish on
+        it, but no connection is kept idle any more; `close()` at shutdown still applies."""
+        self._retired = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    @property
+    def busy(self) -> bool:
+        return self._open > len(self._idle) or bool(self._waiters)
 
     async def _acquire(self) -> Connection:
         idle = self._idle
@@ -184,6 +197,9 @@ class UpstreamPool:
             conn.close()
             return
         if self._hand_on(conn):
+            return
+        if self._retired:
+            conn.close()
             return
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
