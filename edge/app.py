@@ -31,7 +31,8 @@ from edge.proxy.handler import Proxy
 from edge.proxy.policy import API_PREFIX
 from edge.reload import Reloader
 from edge.runtime import Runtime, open_runtime
-from edge.settings import Settings, Source
+from edge.setting_changes import Source
+from edge.settings import Settings
 
 log = logging.getLogger("edge")
 OnReady = Callable[[Runtime], Awaitable[None]]

@@ -25,7 +25,8 @@ from pathlib import Path
 from edge.errors import EdgeError
 from edge.proxy.handler import Proxy
 from edge.runtime import Runtime, build_live, retire_replaced
-from edge.settings import ConfigError, Source, fixed_changes, live_changes
+from edge.setting_changes import Source, fixed_changes, live_changes
+from edge.settings import ConfigError
 
 log = logging.getLogger("edge.reload")
 

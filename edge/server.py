@@ -22,7 +22,8 @@ import uvicorn
 from edge.app import Edge, Signals, create_app
 from edge.banner import announce
 from edge.runtime import Runtime, create_demo_key
-from edge.settings import Settings, Source
+from edge.setting_changes import Source
+from edge.settings import Settings
 from edge.transport.protocol import Limits, protocol_class
 
 log = logging.getLogger("edge")

@@ -3,7 +3,7 @@
 `load_settings(path, environ, overrides)` reads `config/edge.toml` (or the file `EDGE_CONFIG`
 names), applies environment overrides, then the command line's, and validates the result with
 pydantic. Each setting `section.name` is overridden by `EDGE_<SECTION>_<NAME>`; plans by
-`EDGE_PLANS_<PLAN>_RPM` / `_RPD` / `_TPM` / `_TPD`; `EDGE_PRICING_MODELS` is JSON.
+`EDGE_PLANS_<PLAN>_RPM` / `_RPD` / `_TPM` / `_TPD` / `_SHADOW`; `EDGE_PRICING_MODELS` is JSON.
 
 Validation is strict where the input is typed: a TOML value must already have the field's type
 (`port = 18740.9` or `keepalive_timeout = true` is an error, never coerced); environment values
@@ -22,7 +22,6 @@ from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     Field,
     SecretStr,
@@ -85,6 +84,8 @@ class ServerSettings(Section):
     drain_delay: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 5.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # processes serving the same port
     trusted_proxies: Annotated[tuple[IPNetwork, ...], BeforeValidator(split_list)] = ()
+    # seconds an SSE answer's upstream may be silent before edge writes a comment (0: off)
+    sse_keepalive: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 15.0
 
 
 class RedisSettings(WithUrl):
@@ -108,9 +109,18 @@ class UpstreamSettings(WithUrl):
     max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
 
 
+KeyHeader = Literal["authorization", "bearer", "api-key", "x-api-key"]
+
+
 class KeysSettings(Section):
     prefix: Annotated[str, StringConstraints(pattern=PREFIX)] = "gw_sk_"
     max_per_owner: Annotated[int, Field(ge=1, le=1_000_000)] = 20  # non-revoked keys per owner
+    # where a client's key may be: "authorization" (Bearer, or the bare key), "bearer" (only
+    # `Authorization: Bearer`), "api-key" (Azure's SDKs), "x-api-key" (Anthropic-style)
+    headers: Annotated[tuple[KeyHeader, ...], BeforeValidator(split_list), Field(min_length=1)] = (
+        "authorization", "api-key", "x-api-key",
+    )  # fmt: skip
+    revoke_leaked: bool = True  # POST /admin/leaks revokes the real keys it is given
 
 
 class AdminSettings(Section):
@@ -142,6 +152,7 @@ class Plan(Section):
     rpd: Limit
     tpm: Limit | None = None  # LLM tokens per minute and per day; None: no token limit
     tpd: Limit | None = None
+    shadow: bool = False  # the limits are observed and counted, not enforced
 
 
 class ModelPrice(Section):
@@ -311,8 +322,6 @@ SECTIONS: dict[str, type[Section]] = {
     "usage": UsageSettings,
     "routing": RoutingSettings,
 }
-# What a reload may change; any other difference refuses the reload.
-LIVE = frozenset({"plans", "pricing", "metering", "upstream", "upstreams", "routing"})
 Overrides = Mapping[str, Mapping[str, Any]]
 
 
@@ -371,7 +380,7 @@ def _with_environment(
     if isinstance(plans, dict):
         plans = {n: dict(p) if isinstance(p, dict) else p for n, p in plans.items()}
         for plan, spec in plans.items():
-            for window in ("rpm", "rpd", "tpm", "tpd"):
+            for window in ("rpm", "rpd", "tpm", "tpd", "shadow"):
                 env_name = f"EDGE_PLANS_{plan}_{window}".upper().replace("-", "_")
                 if env_name in env and isinstance(spec, dict):
                     spec[window] = env[env_name]
@@ -453,40 +462,3 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> 
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_HELP.get(loc[0], message)
         yield f"{dotted} ({source}): {message}"
-
-
-def fixed_changes(old: Settings, new: Settings) -> list[str]:
-    """The settings outside `LIVE` that differ between `old` and `new` (dotted names): what a
-    reload cannot apply without a restart."""
-    changed = []
-    for section in Settings.model_fields:
-        if section in LIVE:
-            continue
-        before, after = getattr(old, section), getattr(new, section)
-        if before == after:
-            continue
-        if isinstance(before, BaseModel):
-            changed += [
-                f"{section}.{name}"
-                for name in type(before).model_fields
-                if getattr(before, name) != getattr(after, name)
-            ]
-        else:
-            changed.append(section)
-    return changed
-
-
-def live_changes(old: Settings, new: Settings) -> list[str]:
-    """The `LIVE` sections that differ between `old` and `new`."""
-    return [s for s in Settings.model_fields if s in LIVE and getattr(old, s) != getattr(new, s)]
-
-
-class Source(NamedTuple):
-    """Where a running edge's settings come from, so a reload can read them again (picklable:
-    workers get it)."""
-
-    path: str | None = None
-    overrides: Overrides | None = None
-
-    def load(self, environ: Mapping[str, str] | None = None) -> Settings:
-        return load_settings(self.path, environ, self.overrides)

@@ -41,7 +41,8 @@ from edge.app import Signals
 from edge.metrics.registry import MULTIPROC_ENV
 from edge.reload import pid_file
 from edge.server import listeners, run_server, worker_listeners
-from edge.settings import ConfigError, Settings, Source, fixed_changes
+from edge.setting_changes import Source, fixed_changes
+from edge.settings import ConfigError, Settings
 
 log = logging.getLogger("edge.supervisor")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app could not start

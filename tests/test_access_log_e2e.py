@@ -33,7 +33,7 @@ TOKEN = f"admin-{secrets.token_hex(16)}"
 FIELDS = {
     "time", "key", "plan", "owner", "client", "method", "path", "model", "status", "outcome",
     "request_bytes", "response_bytes", "duration_ms", "upstream_ttfb_ms", "input_tokens",
-    "output_tokens", "upstream_request_id",
+    "output_tokens", "request_id", "upstream_request_id",
 }  # fmt: skip
 PRICES = '[{"match": "unit-*", "input": 1000000, "output": 1000000}]'
 

@@ -59,6 +59,8 @@ RECORD_FIELDS = {
     "previous_key_valid_until",
     "previous_key_requests",
     "previous_key_last_used",
+    "shadow",
+    "shadow_override",
     "day_used",
 }
 UNKNOWN_KID = "A" * 12  # well-formed, never issued
@@ -743,9 +745,9 @@ def test_plans_lists_the_default_plan_table(pair: Pair) -> None:
         plans = answer(client.get("/plans"), 200)
     assert plans["object"] == "list"
     assert sorted(plans["data"], key=lambda row: row["rpm"]) == [
-        {"plan": "free", "rpm": 20, "rpd": 1000, "tpm": None, "tpd": None},
-        {"plan": "pro", "rpm": 200, "rpd": 50_000, "tpm": None, "tpd": None},
-        {"plan": "team", "rpm": 1000, "rpd": 250_000, "tpm": None, "tpd": None},
+        {"plan": "free", "rpm": 20, "rpd": 1000, "tpm": None, "tpd": None, "shadow": False},
+        {"plan": "pro", "rpm": 200, "rpd": 50_000, "tpm": None, "tpd": None, "shadow": False},
+        {"plan": "team", "rpm": 1000, "rpd": 250_000, "tpm": None, "tpd": None, "shadow": False},
     ]
 
 

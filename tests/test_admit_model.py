@@ -33,7 +33,12 @@ from tests.support.admit_model import decide, level, settle_record
 from tests.support.redis_server import RedisServer
 
 # name → (rpm, rpd, tpm, tpd); -1: no token limit
-PLANS = {"free": (20, 1000, -1, -1), "tiny": (2, 5, 40, 90), "big": (600, 100_000, 5_000, -1)}
+PLANS = {
+    "free": (20, 1000, -1, -1, 0),
+    "tiny": (2, 5, 40, 90, 0),
+    "big": (600, 100_000, 5_000, -1, 0),
+    "watch": (2, 4, 30, -1, 1),  # shadow: observed, not enforced
+}
 PLAN_ARGS = [x for name, limits in PLANS.items() for x in (name, *limits)]
 RETENTION_DAYS = 90
 BUCKETS = ("m", "d", "tm", "td")
@@ -63,7 +68,14 @@ request = st.tuples(
 change = st.one_of(
     st.tuples(st.just("rewind"), st.sampled_from([1, 2, 3, 30, 61, 3600, 90_000])),
     st.tuples(st.just("field"), st.sampled_from(["rpm", "rpd", "tpm", "tpd"]), limits),
-    st.tuples(st.just("field"), st.just("plan"), st.sampled_from(["free", "tiny", "gold"])),
+    st.tuples(
+        st.just("field"), st.just("plan"), st.sampled_from(["free", "tiny", "gold", "watch"])
+    ),
+    st.tuples(
+        st.just("field"),
+        st.just("shadow"),
+        st.sampled_from([None, "1", "0", "true", "false", "yes", ""]),
+    ),
     st.tuples(
         st.just("field"),
         st.just("status"),
@@ -106,7 +118,7 @@ debt = st.tuples(
 # credits and expiries rather than stopping short of them.
 start = st.tuples(
     st.just("start"),
-    st.sampled_from(["tiny", "free", "big"]),
+    st.sampled_from(["tiny", "free", "big", "watch"]),
     st.one_of(st.none(), st.integers(0, 6).map(str)),
     st.one_of(st.none(), st.integers(0, 12).map(str)),
     st.one_of(st.none(), st.integers(0, 4).map(str)),
@@ -273,6 +285,8 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
         assert text_fields(await client.hgetall(k.buckets[name])) == buckets[name]
     if reply[0] == 0:
         await check_writes(client, k, record, buckets["m"], buckets["d"], reply)
+    elif reply[0] in SHADOWED:  # admitted in shadow: the record's side, and no bucket charged
+        await check_writes(client, k, record, buckets["m"], buckets["d"], reply, charged=False)
     else:
         written = text_fields(await client.hgetall(k.record))
         kept = {n: v for n, v in written.items() if n not in PREVIOUS_KEY_FIELDS}
@@ -284,7 +298,7 @@ async def compare(client: Any, admit: Script, k: Key, who: str, route: str, mode
 
 
 PREVIOUS_KEY_FIELDS = ("previous_key_requests", "previous_key_last_used")
-RATE_LIMITED, REJECTED = {5, 6, 12, 13}, {2, 3, 4, 7, 8, 9, 11}
+RATE_LIMITED, REJECTED, SHADOWED = {5, 6, 12, 13}, {2, 3, 4, 7, 8, 9, 11}, {14, 15, 16, 17}
 
 
 async def usage(client: Any, k: Key, ms: int) -> tuple[str, str, dict[str, str], dict[str, str]]:
@@ -311,10 +325,11 @@ async def check_usage(
         return  # the hour turned during the call: which one counted is the script's clock
     code = reply[0]
     field = (
-        "requests" if code == 0 else "rate_limited" if code in RATE_LIMITED
+        "requests" if code == 0 or code in SHADOWED else "rate_limited" if code in RATE_LIMITED
         else "rejected" if code in REJECTED else None
     )  # fmt: skip
-    spent = price if code == 0 and reply[10] & 4 and price > 0 else 0
+    admitted = code == 0 or code in SHADOWED
+    spent = price if admitted and reply[10] & 4 and price > 0 else 0
     for was, now in ((day_was, then[2]), (hour_was, then[3])):
         want = dict(was)
         for name, n in ((field, 1), ("credits", spent)):
@@ -387,15 +402,20 @@ def close(got: list[Any], want: list[Any]) -> bool:
 
 async def check_writes(
     client: Any, k: Key, record: dict[str, str], minute: dict[str, str], day: dict[str, str],
-    reply: list[Any],
+    reply: list[Any], charged: bool = True,
 ) -> None:  # fmt: skip
-    """After an admission: both buckets one token lower than their level, the counters."""
+    """After an admission: both buckets one token lower than their level (`charged`; a
+    shadowed admission leaves them as they were), the counters."""
     after = text_fields(await client.hgetall(k.record))
     requests = after.get("requests")
     old = record.get("requests")
     assert requests == (str(int(old) + 1) if old and old.isdigit() and len(old) <= 12 else "1")
     if reply[10] & 4:  # the key has a balance: charged the request price
         assert after.get("credits") == str(reply[9])
+    if not charged:
+        assert text_fields(await client.hgetall(k.minute)) == minute
+        assert text_fields(await client.hgetall(k.day)) == day
+        return
     now = await now_ms(client)
     for bucket, state, cap, window in ((k.minute, minute, reply[2], 60_000),
                                        (k.day, day, reply[3], 86_400_000)):  # fmt: skip

@@ -2,6 +2,8 @@
 clear 401 (OpenAI's error shape, code `invalid_api_key`) without any Redis I/O and without
 reflecting what was presented; a lower-case `bearer` scheme is accepted (RFC 9110 §11.1: the
 auth-scheme is case-insensitive); an unknown but well-formed key costs exactly one EVALSHA.
+A bare `Authorization: <key>` is a key (keys.headers), so the matrix's scheme-less case carries
+a key with a wrong checksum; one header repeated, or two headers with different keys, are bad.
 
 Requests go over raw sockets, so header bytes reach edge exactly as written (tabs, non-ASCII,
 repeated headers) instead of being validated or normalised by an HTTP client library.
@@ -50,6 +52,7 @@ def malformed_cases(key: str) -> dict[str, tuple[list[bytes], bytes]]:
         return [b"Authorization: Bearer " + raw], raw
 
     basic = base64.b64encode(f"user:{key}".encode()).decode()
+    other = keys.make_key(PREFIX, keys.new_kid()).encode()  # well-formed: a conflicting key
     wrong_checksum = stem + flip(secret[0]) + secret[1:] + key[-keys.CHECKSUM_LEN :]
     return {
         "missing": ([], b""),
@@ -58,7 +61,12 @@ def malformed_cases(key: str) -> dict[str, tuple[list[bytes], bytes]]:
         "double-space": ([f"Authorization: Bearer  {key}".encode()], key.encode()),
         "tab": ([f"Authorization: Bearer\t{key}".encode()], key.encode()),
         "two-headers": ([f"Authorization: Bearer {key}".encode()] * 2, key.encode()),
-        "no-scheme": ([f"Authorization: {key}".encode()], key.encode()),
+        "no-scheme-wrong-checksum": (
+            [f"Authorization: {wrong_checksum}".encode()],
+            wrong_checksum.encode(),
+        ),
+        "api-key-twice": ([f"api-key: {key}".encode()] * 2, key.encode()),
+        "two-keys": ([f"Authorization: Bearer {key}".encode(), b"x-api-key: " + other], b""),
         "wrong-prefix": bearer("sk-" + key[len(PREFIX) :]),
         "other-prefix": bearer("gw_pk_" + key[len(PREFIX) :]),
         "one-short": bearer(with_checksum(stem + secret[:-1])),

@@ -118,9 +118,9 @@ def test_keys_set_limits_and_back_to_plan(redis_server: RedisServer) -> None:
 
 def test_plans_json(redis_server: RedisServer) -> None:
     assert ok_json(redis_server, "plans") == [
-        {"plan": "free", "rpm": 20, "rpd": 1_000, "tpm": None, "tpd": None},
-        {"plan": "pro", "rpm": 200, "rpd": 50_000, "tpm": None, "tpd": None},
-        {"plan": "team", "rpm": 1_000, "rpd": 250_000, "tpm": None, "tpd": None},
+        {"plan": "free", "rpm": 20, "rpd": 1_000, "tpm": None, "tpd": None, "shadow": False},
+        {"plan": "pro", "rpm": 200, "rpd": 50_000, "tpm": None, "tpd": None, "shadow": False},
+        {"plan": "team", "rpm": 1_000, "rpd": 250_000, "tpm": None, "tpd": None, "shadow": False},
     ]
 
 

@@ -143,10 +143,10 @@ async def test_admit_lua_same_on_fakeredis_and_redis(redis_server: RedisServer) 
         (Code.MINUTE_EMPTY, "free", 3, 1000, 0, 997, free, False),
         (Code.UNKNOWN, *none),
         (Code.UNKNOWN, *none),
-        (Code.OUT_OF_SCOPE, "free", 0, 0, 0, 0, 2, True),
+        (Code.OUT_OF_SCOPE, "free", 1, 0, 0, 0, 2, True),  # rpm's place: 1, the route
         (Code.NEED_MODEL, "free", 0, 0, 0, 0, 2, True),
         (Code.MODEL_UNREADABLE, "free", 0, 0, 0, 0, 2, True),
-        (Code.OUT_OF_SCOPE, "free", 0, 0, 0, 0, 2, True),
+        (Code.OUT_OF_SCOPE, "free", 2, 0, 0, 0, 2, True),  # 2: the model
         (Code.ADMITTED, "free", 20, 1000, 19, 999, 1, True),
         (Code.ADMITTED, "free", 20, 1000, 18, 998, 0, True),
         (Code.NO_CREDITS, "free", 0, 0, 0, 0, 0, True),

@@ -3,7 +3,7 @@ it, not even inside a function or only for type checking.
 
 edge's rooms, bottom to top (docs/development.md draws them):
 
-    foundations   settings, setting_types, errors, keys, logs, urls, redis_urls: pure
+    foundations   settings (and setting_*), errors, keys, logs, urls, redis_urls: pure
     metrics       metrics/        the Prometheus families and their batched updates
     redis         redis/          clients, the request path's own client, scripts and lua/
     transport     transport/      the server protocol and the upstream client
@@ -30,6 +30,7 @@ ROOMS = {
     "foundations": {
         "settings",
         "setting_types",
+        "setting_changes",
         "errors",
         "keys",
         "logs",

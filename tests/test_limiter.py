@@ -34,7 +34,7 @@ def test_decode_full_and_short_replies() -> None:
 
 def test_plan_args_flatten_the_table() -> None:
     table = {"free": Plan(rpm=20, rpd=1000), "pro": Plan(rpm=200, rpd=50000, tpm=9000)}
-    assert plan_args(table) == ["free", 20, 1000, -1, -1, "pro", 200, 50000, 9000, -1]
+    assert plan_args(table) == ["free", 20, 1000, -1, -1, 0, "pro", 200, 50000, 9000, -1, 0]
 
 
 def test_go_duration_matches_openai_style() -> None:

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from edge import errors
 from edge.keys import make_key, new_kid
+from edge.proxy.credentials import Found, KeyHeaders
 from edge.proxy.policy import (
     FORWARDED_METHODS,
     MAX_MODEL_BYTES,
@@ -96,13 +97,27 @@ def test_response_headers_drop_hop_by_hop_and_replaced_ones() -> None:
         (b"Set-Cookie", b"b=2"),
         (b"x-request-id", b"req_1"),
     )
-    assert response_headers(raw) == [
-        (b"content-type", b"text/event-stream"),
-        (b"content-encoding", b"gzip"),
-        (b"set-cookie", b"a=1"),
-        (b"set-cookie", b"b=2"),
-        (b"x-request-id", b"req_1"),
-    ]
+    assert response_headers(raw) == (
+        [
+            (b"content-type", b"text/event-stream"),
+            (b"content-encoding", b"gzip"),
+            (b"set-cookie", b"a=1"),
+            (b"set-cookie", b"b=2"),
+            (b"x-request-id", b"req_1"),
+            (b"cache-control", b"no-cache"),  # every SSE answer: proxies must not buffer it
+            (b"x-accel-buffering", b"no"),
+        ],
+        True,
+    )
+    plain = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=60"))
+    assert response_headers(plain) == (
+        [(b"content-type", b"application/json"), (b"cache-control", b"max-age=60")],
+        False,
+    )
+    sse = ((b"content-type", b"Text/Event-Stream; charset=utf-8"), (b"cache-control", b"public"))
+    headers, is_sse = response_headers(sse)
+    assert is_sse and headers.count((b"cache-control", b"no-cache")) == 1
+    assert (b"cache-control", b"public") not in headers
 
 
 def test_inbound_headers_drop_hop_by_hop_credentials_and_framing() -> None:
@@ -131,14 +146,60 @@ def test_inbound_headers_drop_hop_by_hop_credentials_and_framing() -> None:
         (b"accept-encoding", b"gzip"),
         (b"user-agent", b"OpenAI/Python 1.0 \xe9"),
     ]
-    assert inbound.auth == b"Bearer gw_sk_x"
+    assert inbound.credentials == [
+        (b"authorization", b"Bearer gw_sk_x"),
+        (b"api-key", b"gw_sk_x"),
+        (b"x-api-key", b"gw_sk_x"),
+    ]
     assert inbound.length == b"12"
 
 
-def test_repeated_authorization_counts_as_none() -> None:
-    raw = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a")]
-    assert inbound_headers(raw).auth is None
-    assert inbound_headers([]).auth is None
+def test_credentials_are_collected_from_every_header_a_key_may_be_in() -> None:
+    raw = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a"), (b"x-api-key", b"b")]
+    assert inbound_headers(raw).credentials == raw
+    assert inbound_headers([]).credentials == []
+
+
+ALL = ("authorization", "api-key", "x-api-key")
+KEY = b"gw_sk_" + b"A" * 50
+OTHER = b"gw_sk_" + b"B" * 50
+
+
+@pytest.mark.parametrize(
+    ("accepted", "credentials", "found", "token"),
+    [
+        (ALL, [(b"authorization", b"Bearer " + KEY)], Found.KEY, KEY),
+        (ALL, [(b"authorization", b"bearer " + KEY)], Found.KEY, KEY),
+        (ALL, [(b"authorization", KEY)], Found.KEY, KEY),  # bare, with the prefix
+        (ALL, [(b"authorization", b"sk-" + KEY[6:])], Found.UNUSABLE, None),
+        (ALL, [(b"authorization", b"Basic eDp5")], Found.UNUSABLE, None),
+        (ALL, [(b"api-key", KEY)], Found.KEY, KEY),
+        (ALL, [(b"x-api-key", KEY)], Found.KEY, KEY),
+        (ALL, [(b"api-key", KEY), (b"authorization", b"Bearer " + KEY)], Found.KEY, KEY),
+        (ALL, [(b"api-key", KEY), (b"x-api-key", OTHER)], Found.CONFLICT, None),
+        (ALL, [(b"authorization", b"Bearer " + KEY), (b"api-key", OTHER)], Found.CONFLICT, None),
+        (ALL, [(b"authorization", b"Bearer " + KEY)] * 2, Found.UNUSABLE, None),
+        (
+            ALL,
+            [(b"authorization", b"Bearer " + KEY), (b"authorization", b"Bearer " + OTHER)],
+            Found.CONFLICT,
+            None,
+        ),
+        (ALL, [], Found.MISSING, None),
+        (("bearer",), [(b"authorization", KEY)], Found.UNUSABLE, None),  # bare: not accepted
+        (("bearer",), [(b"api-key", KEY)], Found.MISSING, None),  # as if absent
+        (("bearer",), [(b"api-key", OTHER), (b"authorization", b"Bearer " + KEY)], Found.KEY, KEY),
+        (("api-key",), [(b"authorization", b"Bearer " + KEY)], Found.MISSING, None),
+        (("api-key",), [(b"api-key", b"")], Found.UNUSABLE, None),
+    ],
+)
+def test_key_headers_find_the_one_key(
+    accepted: tuple[str, ...],
+    credentials: list[tuple[bytes, bytes]],
+    found: Found,
+    token: bytes | None,
+) -> None:
+    assert KeyHeaders(accepted, "gw_sk_").find(credentials) == (found, token)
 
 
 def test_inbound_headers_drop_the_clients_openai_organization_and_project() -> None:

@@ -13,13 +13,12 @@ import pytest
 
 from edge import errors
 from edge.proxy.routing import Breaker, Router, Target
+from edge.setting_changes import fixed_changes, live_changes
 from edge.settings import (
     ConfigError,
     RoutingSettings,
     Upstream,
     UpstreamSettings,
-    fixed_changes,
-    live_changes,
     load_settings,
 )
 

@@ -24,7 +24,12 @@ def test_soak_memory_fds_connections(tmp_path: Path, upstream: FakeUpstream) -> 
         assert after < warm * 1.10 + 4 * 1024 * 1024, result.summary()
     for warm, after in zip(result.warm.fds, result.after.fds, strict=True):
         assert after <= warm + 5, result.summary()
-    assert result.after.upstream_sockets <= result.warm.upstream_sockets + 10, result.summary()
+    # A pool keeps idle connections 30 s, so their number follows the load's peaks (10 to 22
+    # seen, before and after a change, on an idle machine): the baseline is the first half's
+    # highest count, not one sample. A leak (a connection neither in use nor idle) grows with
+    # every request that leaks it: hundreds of requests here.
+    baseline = max(s.upstream_sockets for s in result.samples if s.at <= 8 + (32 - 8) / 2)
+    assert result.after.upstream_sockets <= baseline + 10, result.summary()
     assert result.inflight == 0, result.summary()
     assert result.statuses.get(200, 0) > 500, result.summary()
     assert result.statuses.get(401, 0) > 0 and result.statuses.get(429, 0) > 0

@@ -19,7 +19,15 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from edge.cli import output as out
-from edge.cli.parser import EXIT_FAILED, EXIT_USAGE, NEVER, PLAN, UNLIMITED, build_parser
+from edge.cli.parser import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    NEVER,
+    PLAN,
+    UNLIMITED,
+    UNSET,
+    build_parser,
+)
 from edge.control.records import plan_rows, pricing_rows
 from edge.control.specs import AuditQuery, KeyUpdate, NewKey, Rotation, explain
 from edge.control.store import KeyStore, StoreError
@@ -27,7 +35,8 @@ from edge.control.usage import MAX_DAY_ROWS, total
 from edge.errors import RedisUnavailable
 from edge.redis import clients as connection
 from edge.redis.scripts import Scripts
-from edge.settings import ConfigError, Settings, Source, load_settings
+from edge.setting_changes import Source
+from edge.settings import ConfigError, Settings, load_settings
 
 CLI_REDIS_TIMEOUT = 5.0
 ACTOR = "cli"
@@ -116,7 +125,7 @@ def _plans(settings: Settings, as_json: bool) -> int:
     if as_json:
         out.print_json(rows)
     else:
-        out.table(rows, ["plan", "rpm", "rpd", "tpm", "tpd"])
+        out.table(rows, ["plan", "rpm", "rpd", "tpm", "tpd", "shadow"])
     return 0
 
 
@@ -182,6 +191,7 @@ async def _key_action(store: KeyStore, args: argparse.Namespace) -> int:
             )
         }
         fields |= {"expires_at": args.expires_at, "scopes": _scopes(args)}
+        fields["shadow"] = None if args.shadow is UNSET else args.shadow
         spec = _spec(NewKey, store, {k: v for k, v in fields.items() if v is not None})
         key, record = await store.create(spec, ACTOR)
         out.record_with_key(key, record, args.json)
@@ -234,6 +244,8 @@ def _update_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["scopes"] = None
     elif scopes := _scopes(args):
         fields["scopes"] = scopes
+    if args.shadow is not UNSET:
+        fields["shadow"] = args.shadow
     if not fields:
         raise BadValue("nothing to change: give at least one of the update flags")
     return fields

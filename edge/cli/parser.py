@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UNSET = object()  # a flag that was not given (None is a value: --plan-shadow)
+
+
 def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     create = ksub.add_parser("create", parents=[common], help="create a key; prints it once")
     create.add_argument("--plan", required=True)
@@ -97,6 +100,7 @@ def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> N
     create.add_argument("--expires-at", type=when, metavar="TIME", help="expire at this time")
     create.add_argument("--credits", type=int, help="a balance, spent as [pricing] says")
     _scope_flags(create)
+    _shadow_flags(create)
 
     listing = ksub.add_parser("list", parents=[common], help="list keys (never the keys)")
     listing.add_argument("--owner")
@@ -131,6 +135,7 @@ def _key_commands(ksub: argparse._SubParsersAction[Parser], common: Parser) -> N
     update.add_argument("--credits", type=balance, help="set the balance, or 'unlimited'")
     _scope_flags(update)
     update.add_argument("--no-scopes", action="store_true", help="lift every scope")
+    _shadow_flags(update)
 
     usage = ksub.add_parser("usage", parents=[common], help="a key's usage, by UTC day or hour")
     usage.add_argument("id")
@@ -154,3 +159,16 @@ def _scope_flags(command: Parser) -> None:
         metavar="GLOB",
         help="allow only models matching this glob (repeatable), e.g. 'gpt-4o*'",
     )
+
+
+def _shadow_flags(command: Parser) -> None:
+    """`--shadow` / `--no-shadow` / `--plan-shadow`: the key's limits observed only, enforced,
+    or as its plan says."""
+    group = command.add_mutually_exclusive_group()
+    for flag, value, text in (
+        ("--shadow", True, "observe the key's limits, never enforce them"),
+        ("--no-shadow", False, "enforce the key's limits even if its plan is in shadow"),
+        ("--plan-shadow", None, "as the plan says (clears --shadow / --no-shadow)"),
+    ):
+        group.add_argument(flag, dest="shadow", action="store_const", const=value, help=text)
+    command.set_defaults(shadow=UNSET)

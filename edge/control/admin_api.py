@@ -40,11 +40,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
+from edge.control.leaks import CallLimit, check_leaks
 from edge.control.records import KeyRecord, plan_rows, pricing_rows
 from edge.control.specs import (
     AuditQuery,
     CreditChange,
     KeyUpdate,
+    LeakReport,
     ListQuery,
     NewKey,
     Rotation,
@@ -80,6 +82,7 @@ class AdminApi:
         self.store = store
         self._token = token.encode()
         self._reload = reload
+        self._leak_calls = CallLimit()
         self.router = Router(
             routes=[
                 Route("/keys", self._wrap(create), methods=["POST"]),
@@ -98,6 +101,7 @@ class AdminApi:
                 Route("/pricing", self._wrap(pricing), methods=["GET"]),
                 Route("/audit", self._wrap(audit), methods=["GET"]),
                 Route("/reload", self._wrap(self._reloaded), methods=["POST"]),
+                Route("/leaks", self._wrap(self._leaks), methods=["POST"]),
                 # the dashboard: static, public; everything it shows comes from the API above
                 Route("/", dashboard, methods=["GET", "HEAD"]),
                 Mount("/ui", app=StaticFiles(packages=[("edge.control", "admin_ui")])),
@@ -135,6 +139,13 @@ class AdminApi:
         except ConfigError as exc:
             raise errors.Unprocessable(str(exc), code="invalid_config") from None
         return json({"reloaded": True, "changed": changed})
+
+    async def _leaks(self, request: Request, store: KeyStore) -> Response:
+        """`POST /admin/leaks`: a secret scanner's report (control/leaks.py)."""
+        self._leak_calls.check()
+        report = await body(request, LeakReport, store)
+        data = await check_leaks(store, report.candidates, report.source, actor(request))
+        return json({"data": data})
 
     def _authorized(self, request: Request) -> bool:
         value = request.headers.get("authorization", "")

@@ -37,6 +37,8 @@ class KeyRecord:
     requests: int
     tokens: int  # LLM tokens used, as settled
     credits: int | None  # None: unlimited; below zero after usage in flight ran past it
+    shadow: bool  # effective: limits observed, not enforced (the key's say, else the plan's)
+    shadow_override: bool | None  # None: the plan's
     scopes: dict[str, Any] | None  # {"routes": [...], "models": [...]}; None: no restriction
     rotated: int | None
     previous_key_valid_until: int | None
@@ -68,6 +70,7 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
     plan = settings.plans.get(f.get("plan", ""))
     rpm_o, rpd_o = _int(f.get("rpm")), _int(f.get("rpd"))
     tpm_o, tpd_o = _int(f.get("tpm")), _int(f.get("tpd"))
+    shadow_o = SHADOW_VALUES.get(f.get("shadow", ""))
     return KeyRecord(
         id=kid,
         plan=f.get("plan", ""),
@@ -88,12 +91,17 @@ def decode_record(kid: str, raw: dict[Any, Any], settings: Settings) -> KeyRecor
         requests=_int(f.get("requests")) or 0,
         tokens=_count(f.get("tokens")),
         credits=_balance(f.get("credits")),
+        shadow=shadow_o if shadow_o is not None else bool(plan and plan.shadow),
+        shadow_override=shadow_o,
         scopes=_scopes(f.get("scopes")),
         rotated=_int(f.get("rotated")),
         previous_key_valid_until=_int(f.get("prev_until")) if f.get("prev_hash") else None,
         previous_key_requests=_int(f.get("previous_key_requests")) or 0,
         previous_key_last_used=_int(f.get("previous_key_last_used")),
     )
+
+
+SHADOW_VALUES = {"1": True, "true": True, "0": False, "false": False}  # as admit.lua reads them
 
 
 def _or_none_left(value: str | None) -> int | None:
@@ -120,7 +128,7 @@ def _count(value: str | None) -> int:
 def plan_rows(settings: Settings) -> list[dict[str, Any]]:
     """The plan table as the CLI and the admin API show it (tpm, tpd: None = no limit)."""
     return [
-        {"plan": name, "rpm": p.rpm, "rpd": p.rpd, "tpm": p.tpm, "tpd": p.tpd}
+        {"plan": name, "rpm": p.rpm, "rpd": p.rpd, "tpm": p.tpm, "tpd": p.tpd, "shadow": p.shadow}
         for name, p in settings.plans.items()
     ]
 

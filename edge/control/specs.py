@@ -106,6 +106,7 @@ class NewKey(_Spec):
     expires_at: UnixTime | None = None
     scopes: Scopes | None = None
     credits: Limit | None = None
+    shadow: bool | None = None  # None: the plan's
 
     @field_validator("plan")
     @classmethod
@@ -122,7 +123,7 @@ class NewKey(_Spec):
 
 class KeyUpdate(_Spec):
     """A change to a key: only the fields present change; `null` clears an override (rpm, rpd,
-    tpm, tpd), the scopes, the expiry, or the balance (credits: unlimited again)."""
+    tpm, tpd, shadow), the scopes, the expiry, or the balance (credits: unlimited again)."""
 
     name: Text | None = None
     owner: Text | None = None
@@ -134,6 +135,7 @@ class KeyUpdate(_Spec):
     scopes: Scopes | None = None
     expires_at: UnixTime | None = None
     credits: Limit | None = None
+    shadow: bool | None = None
 
     @field_validator("plan")
     @classmethod
@@ -173,6 +175,16 @@ class ListQuery(_Spec):
         if status is not None and status not in STATUSES:
             raise ValueError(f"must be one of {', '.join(STATUSES)}")
         return status
+
+
+Candidate = Annotated[str, Field(max_length=256)]
+
+
+class LeakReport(_Spec):
+    """`POST /admin/leaks`: strings a secret scanner found in public code, and where."""
+
+    candidates: Annotated[list[Candidate], Field(min_length=1, max_length=100)]
+    source: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_printable)]
 
 
 class AuditQuery(_Spec):

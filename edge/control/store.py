@@ -103,6 +103,8 @@ class KeyStore:
             fields += ["expires", spec.expires_at]
         if scopes := _scopes_field(spec.scopes):
             fields += ["scopes", scopes]
+        if spec.shadow is not None:
+            fields += ["shadow", "1" if spec.shadow else "0"]
         for _ in range(3):  # a kid collision is a 1-in-10^21 event; retry rather than fail
             kid = new_kid()
             key = make_key(self.settings.keys.prefix, kid)
@@ -222,6 +224,8 @@ class KeyStore:
             pairs += ["expires", "" if change.expires_at is None else change.expires_at]
         if "scopes" in changes:
             pairs += ["scopes", _scopes_field(change.scopes)]
+        if "shadow" in changes:
+            pairs += ["shadow", "" if change.shadow is None else "1" if change.shadow else "0"]
         moving = "owner" in changes and change.owner != before.owner
         entry = await self._entry(kid, before.created or 0)
         reserve = moving and change.owner and before.status != "revoked"
@@ -269,6 +273,13 @@ class KeyStore:
         changes = {"grace_seconds": grace_seconds}
         await self.audit.record("rotate", kid, record.owner, actor, changes)
         return key, record
+
+    async def end_grace(self, kid: str, actor: str) -> KeyRecord:
+        """The previous secret of a rotation stops working now (its grace ends)."""
+        await self._write(kid, self.scripts.update, ["prev_hash", "", "prev_until", ""])
+        record = await self.get(kid)
+        await self.audit.record("end_grace", kid, record.owner, actor, {})
+        return record
 
     async def add_credits(self, kid: str, delta: int, actor: str) -> KeyRecord:
         """Top up (or take from) the balance, atomically; it never goes below 0."""

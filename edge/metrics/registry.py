@@ -40,6 +40,10 @@ OUTCOMES = (
     "upstream_cut",
     "rate_limited_tokens_minute",
     "rate_limited_tokens_day",
+    "shadow_limited_minute",
+    "shadow_limited_day",
+    "shadow_limited_tokens_minute",
+    "shadow_limited_tokens_day",
 )
 TOKEN_DIRECTIONS = ("input", "output")
 TOKEN_SOURCES = ("reported", "estimated")

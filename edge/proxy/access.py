@@ -173,6 +173,7 @@ def entry(ex: Exchange, note: AccessNote, trusted: TrustedProxies) -> dict[str, 
         "upstream_ttfb_ms": round(note.ttfb * 1000, 3) if note.ttfb is not None else None,
         "input_tokens": note.tokens[0] if note.tokens else None,
         "output_tokens": note.tokens[1] if note.tokens else None,
+        "request_id": ex.the_request_id().decode("ascii"),
         "upstream_request_id": note.upstream_id,
     }
 

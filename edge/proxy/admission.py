@@ -39,9 +39,23 @@ class Code(IntEnum):
     MODEL_UNREADABLE = 11
     TOKENS_MINUTE_EMPTY = 12
     TOKENS_DAY_EMPTY = 13
+    SHADOW_MINUTE = 14  # admitted: a shadowed key that 5, 6, 12 or 13 would have refused
+    SHADOW_DAY = 15
+    SHADOW_TOKENS_MINUTE = 16
+    SHADOW_TOKENS_DAY = 17
+
+
+ADMITTED = frozenset({Code.ADMITTED, *range(Code.SHADOW_MINUTE, Code.SHADOW_TOKENS_DAY + 1)})
+SHADOW_OUTCOMES = {
+    Code.SHADOW_MINUTE: "shadow_limited_minute",
+    Code.SHADOW_DAY: "shadow_limited_day",
+    Code.SHADOW_TOKENS_MINUTE: "shadow_limited_tokens_minute",
+    Code.SHADOW_TOKENS_DAY: "shadow_limited_tokens_day",
+}
 
 
 NO_LIMIT = -1  # tpm / tpd: the key has no token limit
+OUT_OF_SCOPE_ROUTE, OUT_OF_SCOPE_MODEL = 1, 2  # what code 8 says was out of scope (entry 3)
 SCOPED_MODELS, SCOPED_ROUTES, HAS_BALANCE = 1, 2, 4  # the reply's flags
 MODEL_NOT_READ = ""
 MODEL_MISSING = "!"
@@ -111,12 +125,13 @@ def model_state(model: str | None) -> str:
 
 
 def plan_args(plans: Mapping[str, Plan]) -> list[str | int]:
-    """The plan table as admit.lua's ARGV tail: name, rpm, rpd, tpm, tpd, … (-1: no limit)"""
+    """The plan table as admit.lua's ARGV tail: name, rpm, rpd, tpm, tpd (-1: no limit),
+    shadow (1: observed, not enforced), name, …"""
     args: list[str | int] = []
     for name, plan in plans.items():
         tpm = NO_LIMIT if plan.tpm is None else plan.tpm
         tpd = NO_LIMIT if plan.tpd is None else plan.tpd
-        args += [name, plan.rpm, plan.rpd, tpm, tpd]
+        args += [name, plan.rpm, plan.rpd, tpm, tpd, 1 if plan.shadow else 0]
     return args
 
 
@@ -294,8 +309,9 @@ WINDOW_NAMES = {
 }
 
 
-def rejection(d: Decision) -> Rejection:
-    """The answer to a decision other than ADMITTED. Wording follows OpenAI's (see errors.py)."""
+def rejection(d: Decision, route: str = "", model: str | None = None) -> Rejection:
+    """The answer to a decision other than an admission. Wording follows OpenAI's (errors.py);
+    `route` and `model` (when the body was read) name what a key's scopes do not allow."""
     code = d.code
     err: errors.EdgeError
     if code in (Code.MINUTE_EMPTY, Code.DAY_EMPTY):
@@ -319,13 +335,22 @@ def rejection(d: Decision) -> Rejection:
         outcome = "rate_limited_tokens_minute" if minute else "rate_limited_tokens_day"
         return Rejection(err, outcome, True, rejection_headers(d))
     if code == Code.OUT_OF_SCOPE:
+        what = "this endpoint or model"  # the scopes themselves are unreadable: nothing is
+        if d.rpm == OUT_OF_SCOPE_ROUTE:
+            what = f"the route `{route}`"
+        elif d.rpm == OUT_OF_SCOPE_MODEL:
+            what = f"the model `{model}`" if model else "this model"
         err = errors.PermissionDenied(
-            "This API key may not use this endpoint or model: you have insufficient "
-            "permissions for this operation."
+            f"This API key may not use {what}: you have insufficient permissions for this "
+            "operation."
         )
         return Rejection(err, "forbidden", True, [])
     if code == Code.NO_CREDITS:
-        return Rejection(errors.InsufficientBalance(), "insufficient_balance", True, [])
+        err = errors.InsufficientBalance(
+            f"You exceeded your current quota: this API key's balance is {d.credits:,} "
+            "credits. Ask for a top-up to continue."
+        )
+        return Rejection(err, "insufficient_balance", True, [])
     if code in (Code.MODEL_UNREADABLE, Code.NEED_MODEL):
         err = errors.BadRequest(
             "This API key may use only some models, so the request body must be a JSON object "

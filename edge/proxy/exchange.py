@@ -9,6 +9,9 @@ no task or timer per request watches for it.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from time import perf_counter
@@ -35,6 +38,29 @@ class BodyTooLarge(Exception):
 
 class ClientGone(Exception):
     """The client disconnected while its body was streaming up."""
+
+
+_ID_PREFIX = secrets.token_hex(6).encode()  # this process's; with a counter, ids are unique
+_IDS = itertools.count()
+REQUEST_ID_BYTES = 200
+
+
+def new_request_id() -> bytes:
+    """`req_` and 24 hex characters, unique without a syscall."""
+    return b"req_%s%012x" % (_ID_PREFIX, next(_IDS) & 0xFFFFFFFFFFFF)
+
+
+def client_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """A client's `X-Request-Id`, when it is 1-200 printable ASCII characters without spaces
+    (anything else could break a log line or a header): else None."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            ok = 0 < len(value) <= REQUEST_ID_BYTES and not BAD_ID_BYTE.search(value)
+            return value if ok else None
+    return None
+
+
+BAD_ID_BYTE = re.compile(rb"[^\x21-\x7e]")
 
 
 class AccessNote:
@@ -69,6 +95,7 @@ class Exchange:
         "plan",
         "rate_headers",
         "receive",
+        "request_id",
         "scope",
         "send",
         "spooled_length",
@@ -100,6 +127,14 @@ class Exchange:
         self.early_body: bytes | None = None  # read whole before admission (model scopes)
         self.body_problem: errors.EdgeError | None = None  # why its model cannot be used
         self.spooled_length: int | None = None  # a chunked body's size, once spooled
+        self.request_id: bytes | None = None  # once an error or the access log needs it
+
+    def the_request_id(self) -> bytes:
+        """The client's `X-Request-Id` when it sent a usable one, else edge's own: on every
+        error edge answers, and in the access log, so a user's report can be found."""
+        if self.request_id is None:
+            self.request_id = client_request_id(self.scope["headers"]) or new_request_id()
+        return self.request_id
 
     @property
     def method(self) -> str:
@@ -136,7 +171,8 @@ class Exchange:
         link = self.link
         if link is not None and link.cycle.more_body:
             link.end_after_answer()
-        headers = self.rate_headers + extra if extra else self.rate_headers
+        headers = self.rate_headers + extra if extra else list(self.rate_headers)
+        headers.append((b"x-request-id", self.the_request_id()))
         await errors.send_error(self.send, err, headers)
 
     async def read_body(self, max_body: int, framed: bool) -> bytes:

@@ -25,7 +25,11 @@ from typing import NamedTuple
 from edge.keys import ParsedKey
 from edge.proxy.admission import Code, Decision
 
-VALID = (Code.ADMITTED, Code.MINUTE_EMPTY, Code.DAY_EMPTY)  # the key itself checked out
+# the key itself checked out (admitted, in shadow too, or only out of requests for now)
+VALID = (
+    Code.ADMITTED, Code.MINUTE_EMPTY, Code.DAY_EMPTY,
+    Code.SHADOW_MINUTE, Code.SHADOW_DAY, Code.SHADOW_TOKENS_MINUTE, Code.SHADOW_TOKENS_DAY,
+)  # fmt: skip
 GONE = (Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
 
 

@@ -21,20 +21,23 @@ from typing import Any, Protocol
 
 from edge import errors
 from edge.errors import RedisUnavailable
-from edge.keys import KeyFormat, ParsedKey, bearer_token, record_key
+from edge.keys import KeyFormat, ParsedKey, record_key
 from edge.logs import Throttle
 from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
 from edge.proxy.access import AccessLog, upstream_request_id
 from edge.proxy.access import entry as access_entry
 from edge.proxy.admission import (
+    ADMITTED,
     MODEL_NOT_READ,
     NO_BODY,
     NO_LIMIT,
+    SHADOW_OUTCOMES,
     Code,
     Decision,
     model_state,
     rejection,
 )
+from edge.proxy.credentials import Found, KeyHeaders
 from edge.proxy.exchange import (
     BODYLESS,
     AccessNote,
@@ -89,6 +92,10 @@ NO_KEY = (
     "Incorrect API key provided: you didn't provide an API key. Send it in the header "
     "'Authorization: Bearer <key>'."
 )
+CONFLICTING_KEYS = (
+    "Two different API keys were sent (in the Authorization, api-key or x-api-key headers); "
+    "send one."
+)
 STARTING = errors.ServiceUnavailable("The server is not ready yet: edge is starting up.")
 METHOD_REFUSED = errors.MethodNotAllowed(
     "This method is not forwarded. edge forwards GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS."
@@ -115,8 +122,9 @@ class Proxy:
             else None
         )
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
+        self._keys = KeyHeaders(rt.settings.keys.headers, rt.settings.keys.prefix)
         self._access = rt.access
-        self._relay = Relay(self._log_throttled)
+        self._relay = Relay(self._log_throttled, rt.settings.server.sse_keepalive)
         self._answer = self._relay.answer
         self.live = rt.live
 
@@ -157,7 +165,8 @@ class Proxy:
             log.exception("unexpected error handling a /v1 %s request", ex.method)
             if not ex.started:
                 ex.status = 500
-                await errors.send_error(send, errors.EdgeError())
+                request_id = [(b"x-request-id", ex.the_request_id())]
+                await errors.send_error(send, errors.EdgeError(), request_id)
         finally:
             ex.stop()
             if ex.outcome is not None:
@@ -181,11 +190,13 @@ class Proxy:
         if bad is not None:
             await ex.fail(bad, "bad_request")
             return
-        key = self._key(rt, inbound)
+        found, token = self._keys.find(inbound.credentials)
+        key = rt.key_format.parse(token) if token is not None else None
         if key is None:
-            missing = all(name != b"authorization" for name, _ in scope["headers"])
-            err = errors.InvalidApiKey(NO_KEY if missing else None)
-            await ex.fail(err, "unauthorized")
+            message = NO_KEY if found is Found.MISSING else None
+            if found is Found.CONFLICT:
+                message = CONFLICTING_KEYS
+            await ex.fail(errors.InvalidApiKey(message), "unauthorized")
             return
         ex.kid = key.kid
         route = raw_path[len(API_PREFIX) :].decode("ascii")  # ASCII: checked by the policy
@@ -208,10 +219,16 @@ class Proxy:
         except BodyTooLarge:
             await ex.fail(self.policy.too_large(), "bad_request")
             return
-        if decision.code != Code.ADMITTED:
-            await self._reject(rt, ex, decision, key.kid)
+        if decision.code not in ADMITTED:
+            await self._reject(rt, ex, decision, key.kid, route)
             return
         ex.admitted(decision, rt.metrics.label(decision.plan))
+        if decision.code != Code.ADMITTED:  # a shadowed key its limits would have refused
+            ex.outcome = SHADOW_OUTCOMES[decision.code]
+            self._log_throttled(
+                f"shadow-{decision.code}", "shadow limit: key %s (plan %s) would have been "
+                "refused (%s)", key.kid, decision.plan, ex.outcome,
+            )  # fmt: skip
         if ex.note is not None:
             ex.note.plan = decision.plan
         if route == "models" and ex.method == "GET" and not live.router.single:
@@ -256,13 +273,9 @@ class Proxy:
             ex.body_problem = errors.BadRequest(read.problem, code=read.code, param="model")
         return model_state(read.model)
 
-    @staticmethod
-    def _key(rt: Resources, inbound: Inbound) -> ParsedKey | None:
-        token = bearer_token(inbound.auth) if inbound.auth is not None else None
-        return rt.key_format.parse(token) if token is not None else None
-
-    async def _reject(self, rt: Resources, ex: Exchange, d: Decision, kid: str) -> None:
-        answer = rejection(d)
+    async def _reject(self, rt: Resources, ex: Exchange, d: Decision, kid: str, route: str) -> None:
+        model = body_model(ex.early_body).model if ex.early_body else None
+        answer = rejection(d, route, model)
         ex.plan = rt.metrics.label(d.plan) if answer.known else NO_PLAN
         if ex.note is not None and answer.known:
             ex.note.plan = d.plan

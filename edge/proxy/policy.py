@@ -50,6 +50,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"openai-organization",
     b"openai-project",
 }
+CREDENTIALS = frozenset({b"authorization", b"api-key", b"x-api-key"})  # where keys may be
 # Who the client is, as proxies in front of edge tell it: believed only from
 # server.trusted_proxies, rebuilt by `forwarded_headers` for everyone. Every `x-forwarded-*`
 # header counts (see `forwarding_name`), and the other names CDNs and proxies use for the
@@ -97,7 +98,7 @@ class Inbound(NamedTuple):
     """What the upstream request needs from the client's headers (bytes as they came)."""
 
     headers: RawHeaders  # to forward: no hop-by-hop, no client credentials
-    auth: bytes | None  # the one Authorization value; None when absent or repeated
+    credentials: RawHeaders  # Authorization, api-key, x-api-key as sent (credentials.py)
     length: bytes | None  # Content-Length as sent
     forwarding: RawHeaders  # X-Forwarded-*, Forwarded, … as sent (see forwarding_name)
 
@@ -111,7 +112,7 @@ KINDS_REMEMBERED = 2048
 def header_kind(name: bytes) -> int:
     """KEEP (forward it), FROM_PROXY (who the client is: a trusted proxy's to say), DROP, or
     one of the three headers edge reads itself (AUTH, LENGTH, CONNECTION)."""
-    if name == b"authorization":
+    if name in CREDENTIALS:
         return AUTH
     if name == b"content-length":
         return LENGTH
@@ -128,7 +129,7 @@ def inbound_headers(raw: RawHeaders) -> Inbound:
     """One pass over the client's headers (names already lower-cased by the server)."""
     headers: RawHeaders = []
     forwarding: RawHeaders = []
-    auth: list[bytes] = []
+    credentials: RawHeaders = []
     length: bytes | None = None
     listed: bytes | None = None
     kinds = _KINDS
@@ -143,7 +144,7 @@ def inbound_headers(raw: RawHeaders) -> Inbound:
         elif kind == FROM_PROXY:
             forwarding.append((name, value))
         elif kind == AUTH:
-            auth.append(value)
+            credentials.append((name, value))
         elif kind == LENGTH:
             length = value
         elif kind == CONNECTION:
@@ -151,7 +152,7 @@ def inbound_headers(raw: RawHeaders) -> Inbound:
     if listed is not None and listed.lower() not in PLAIN_CONNECTION:
         drop = {t.strip().lower() for t in listed.split(b",")}
         headers = [(n, v) for n, v in headers if n not in drop]
-    return Inbound(headers, auth[0] if len(auth) == 1 else None, length, forwarding)
+    return Inbound(headers, credentials, length, forwarding)
 
 
 def forwarding_name(name: bytes) -> bool:
@@ -160,21 +161,32 @@ def forwarding_name(name: bytes) -> bool:
     return canonical.startswith(b"x-forwarded-") or canonical in CLIENT_ADDRESS
 
 
-def response_headers(raw: RawHeaders) -> Headers:
+def response_headers(raw: RawHeaders) -> tuple[Headers, bool]:
     """The upstream's response headers minus hop-by-hop ones (RFC 9110 §7.6.1) and those edge
-    replaces; names lower-cased, values untouched."""
+    replaces; names lower-cased, values untouched. And whether the answer is an SSE stream:
+    then it says `Cache-Control: no-cache` and `X-Accel-Buffering: no` (whatever the upstream
+    said), so nginx-style buffering proxies between edge and the client pass each event on."""
     out: Headers = []
     listed: set[bytes] | None = None
+    sse = False
     for name, value in raw:
         lname = name.lower()
         if lname in RESPONSE_DROP or lname.startswith(b"x-ratelimit-"):
             if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
                 listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
             continue
+        if lname == b"content-type":
+            sse = value[:17].lower() == b"text/event-stream"
         out.append((lname, value))
     if listed:
         out = [(n, v) for n, v in out if n not in listed]
-    return out
+    if sse:
+        out = [(n, v) for n, v in out if n not in SSE_REPLACED] + SSE_HEADERS
+    return out, sse
+
+
+SSE_REPLACED = frozenset({b"cache-control", b"x-accel-buffering"})
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 def unsafe_path(raw: bytes) -> bool:

@@ -3,6 +3,7 @@ when it is already whole), and naming upstream failures in the client's terms.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from edge import errors
@@ -10,6 +11,7 @@ from edge.proxy.exchange import Exchange
 from edge.proxy.metering import Meter
 from edge.proxy.policy import response_headers
 from edge.proxy.sinks import counted, metered
+from edge.transport.link import ResponseCycle
 from edge.transport.upstream.errors import BadResponse, PoolFull, UpstreamError, describe
 from edge.transport.upstream.response import Response, Sink
 
@@ -17,8 +19,9 @@ from edge.transport.upstream.response import Response, Sink
 class Relay:
     """`log(key, message, *args)`: the data plane's throttled warning."""
 
-    def __init__(self, log: Callable[..., None]) -> None:
+    def __init__(self, log: Callable[..., None], keepalive: float = 0.0) -> None:
         self.log = log
+        self.keepalive = keepalive  # server.sse_keepalive: seconds of silence (0: off)
 
     async def answer(self, resp: Response, ex: Exchange, meter: Meter | None = None) -> None:
         """Send the upstream's answer on: in one write when it is already whole, else piece by
@@ -28,7 +31,7 @@ class Relay:
         send = ex.send
         ex.started = True
         ex.status = resp.status
-        headers = response_headers(resp.headers)
+        headers, sse = response_headers(resp.headers)
         if meter is not None:
             meter.start(resp.status, resp.headers)
             if meter.changes_bytes:  # a chunk may be taken out: the length is edge's to frame
@@ -56,12 +59,17 @@ class Relay:
                 sink = metered(meter, sink)
             if ex.note is not None:
                 sink = counted(ex.note, sink)
+            keepalive = None
+            if sse and self.keepalive and link.cycle.chunked_encoding:
+                keepalive = KeepAlive(resp, link.cycle, self.keepalive)
             try:
                 await resp.pipe(sink)
             except UpstreamError as exc:
                 self.cut(ex, describe(exc))
             finally:
                 link.on_writable = None
+                if keepalive is not None:
+                    keepalive.stop()
             ex.stop()
             return
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -101,3 +109,36 @@ class Relay:
             return errors.BadUpstreamResponse()
         self.log("upstream-error", "upstream unreachable: %s (upstream %s)", why, upstream)
         return errors.UpstreamUnreachable()
+
+
+class KeepAlive:
+    """`server.sse_keepalive`: while an SSE answer's upstream is silent (a reasoning model
+    thinking before its first token, or between two), an SSE comment every `every` seconds,
+    so load balancers and proxies that cut idle connections keep this one. Only between
+    events (a comment inside one would corrupt it); SDKs skip comments. A timer per stream,
+    nothing per piece: the upstream connection already notes when it last sent a byte, and
+    the answer keeps its last bytes."""
+
+    COMMENT = b": keepalive\n\n"
+
+    def __init__(self, resp: Response, cycle: ResponseCycle, every: float) -> None:
+        self.resp = resp
+        self.cycle = cycle
+        self.every = every
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(every, self._tick)
+
+    def _tick(self) -> None:
+        resp, cycle = self.resp, self.cycle
+        if resp.done or cycle.response_complete:
+            return
+        silent = self.loop.time() - resp.last_read
+        wait = self.every - silent
+        if wait <= 0.001:
+            if not resp.paused and resp.between_events:  # paused: the client is the slow one
+                cycle.pipe_body(self.COMMENT, True)
+            wait = self.every
+        self.handle = self.loop.call_later(wait, self._tick)
+
+    def stop(self) -> None:
+        self.handle.cancel()

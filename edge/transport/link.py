@@ -23,6 +23,7 @@ class ResponseCycle(Protocol):
 
     more_body: bool  # the request body is still arriving
     response_complete: bool  # the answer is whole
+    chunked_encoding: bool | None  # the answer is sent chunked (edge frames each piece)
 
     def take_body(self) -> bytes | None:
         """The whole request body if it has all arrived (and was not taken yet), else None."""

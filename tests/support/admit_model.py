@@ -85,11 +85,11 @@ def decide(
     presented: str,
     route: str,
     model: str,
-    plans: dict[str, tuple[int, int, int, int]],
+    plans: dict[str, tuple[int, int, int, int, int]],
     price: int = 1,
 ) -> Outcome:
     """`buckets`: the key's bucket hashes by suffix (m, d, tm, td); `plans`: name → (rpm, rpd,
-    tpm, tpd), -1 for no token limit; `price`: credits per admitted request."""
+    tpm, tpd, shadow), -1 for no token limit; `price`: credits per admitted request."""
     if "hash" not in rec:
         return Outcome([1])
     now_s = now_ms // 1000
@@ -109,7 +109,10 @@ def decide(
         return Outcome([4, plan])
     if plan not in plans:
         return Outcome([7, plan])
-    plan_rpm, plan_rpd, plan_tpm, plan_tpd = plans[plan]
+    plan_rpm, plan_rpd, plan_tpm, plan_tpd, plan_shadow = plans[plan]
+    shadow = {"1": True, "true": True, "0": False, "false": False}.get(
+        rec.get("shadow", ""), bool(plan_shadow)
+    )
     limited = bool(rec.get("credits"))
     credits = 0
     if limited:
@@ -117,8 +120,8 @@ def decide(
     balance = 4 if limited else 0
     expiry = whole(rec.get("expires")) or 0
 
-    def short(code: int, scoped: int) -> Outcome:
-        return Outcome([code, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance, expiry])
+    def short(code: int, scoped: int, what: int = 0) -> Outcome:
+        return Outcome([code, plan, what, 0, 0, 0, 0, 0, 0, credits, scoped + balance, expiry])
 
     scoped = 0
     if rec.get("scopes"):
@@ -133,7 +136,7 @@ def decide(
         routes, models = _strings(scopes.get("routes")), _strings(scopes.get("models"))
         scoped = (1 if models else 0) + (2 if routes else 0)
         if routes and not _route_ok(routes, route):
-            return short(8, scoped)
+            return short(8, scoped, 1)
         if models:
             if model == "":
                 return short(10, scoped)
@@ -141,7 +144,7 @@ def decide(
                 if not model.startswith("=") or len(model[1:].encode()) > 256:
                     return short(11, scoped)
                 if not any(glob_matches(g, model[1:]) for g in models):
-                    return short(8, scoped)
+                    return short(8, scoped, 2)
     if limited and credits <= 0:
         return short(9, scoped)
 
@@ -170,36 +173,45 @@ def decide(
         math.floor(mt + EPS), until(mt, mts, rpm, MINUTE, rpm, now_ms),
         math.floor(dt + EPS), until(dt, dts, rpd, DAY, rpd, now_ms),
     ]  # fmt: skip
+
+    def admitted(reply: list[Any], charged: dict[str, tuple[float, float]]) -> Outcome:
+        written = {"last_used": str(now_s)}
+        requests = whole(rec.get("requests"))
+        written["requests"] = str(requests + 1 if requests is not None else 1)
+        if limited and price > 0:
+            reply[9] = credits - price
+            written["credits"] = str(credits - price)
+        return Outcome(reply, charged, written)
+
+    def limited_or_shadowed(reply: list[Any]) -> Outcome:
+        if not shadow:
+            return Outcome(reply)
+        reply[0] = {5: 14, 6: 15, 12: 16, 13: 17}[reply[0]]
+        return admitted(reply, {})  # no bucket charged
+
     if mt < 1 - EPS or dt < 1 - EPS:
         code, retry = 5, 0
         if dt < 1 - EPS:
             code, retry = 6, until(dt, dts, rpd, DAY, 1, now_ms)
         if mt < 1 - EPS:
             retry = max(retry, until(mt, mts, rpm, MINUTE, 1, now_ms))
-        return Outcome([code, plan, rpm, rpd, *requests_state, retry, credits, flags, expiry,
-                        *tokens])  # fmt: skip
+        return limited_or_shadowed([code, plan, rpm, rpd, *requests_state, retry, credits, flags,
+                                    expiry, *tokens])  # fmt: skip
     if (tpm >= 0 and tmt <= EPS) or (tpd >= 0 and tdt <= EPS):
         code, retry = 12, 0
         if tpd >= 0 and tdt <= EPS:
             code, retry = 13, until(tdt, tdts, tpd, DAY, EPS * 2, now_ms) + 1
         if tpm >= 0 and tmt <= EPS:
             retry = max(retry, until(tmt, tmts, tpm, MINUTE, EPS * 2, now_ms) + 1)
-        return Outcome([code, plan, rpm, rpd, *requests_state, retry, credits, flags, expiry,
-                        *tokens])  # fmt: skip
+        return limited_or_shadowed([code, plan, rpm, rpd, *requests_state, retry, credits, flags,
+                                    expiry, *tokens])  # fmt: skip
     mt, dt = max(mt - 1, 0.0), max(dt - 1, 0.0)
     m_full = until(mt, mts, rpm, MINUTE, rpm, now_ms)
     d_full = until(dt, dts, rpd, DAY, rpd, now_ms)
-    written = {"last_used": str(now_s)}
-    requests = whole(rec.get("requests"))
-    written["requests"] = str(requests + 1 if requests is not None else 1)
-    if limited and price > 0:
-        credits -= price
-        written["credits"] = str(credits)
-    return Outcome(
+    return admitted(
         [0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
          credits, flags, expiry, *tokens],
         {"m": (mt, mts), "d": (dt, dts)},
-        written,
     )  # fmt: skip
 
 

@@ -228,6 +228,8 @@ $("edit-form").addEventListener("submit", async (event) => {
     tpd: whole($("edit-tpd")),
     credits: whole($("edit-credits")),
   };
+  const shadow = { plan: null, enforced: false, shadow: true }[$("edit-shadow").value];
+  if (shadow !== (target.shadow_override ?? null)) fields.shadow = shadow;
   try {
     replaceRow(await api.update(target.id, fields));
     $("edit-dialog").close();
@@ -258,6 +260,8 @@ const handlers = {
     $("edit-tpm").value = rec.tpm_override ?? "";
     $("edit-tpd").value = rec.tpd_override ?? "";
     $("edit-credits").value = rec.credits ?? "";
+    const override = rec.shadow_override;
+    $("edit-shadow").value = override === null ? "plan" : override ? "shadow" : "enforced";
     $("edit-title").textContent = `Limits and credits of ${rec.id}`;
     open($("edit-dialog"), $("edit-error"));
   },

@@ -81,7 +81,7 @@ export function keyRow(rec, on) {
     cell(rec.name),
     cell(rec.owner),
     cell(rec.plan),
-    cell(rec.status),
+    statusCell(rec),
     limitCell(rec.rpm, rec.rpm_override),
     limitCell(rec.rpd, rec.rpd_override),
     limitCell(rec.tpm, rec.tpm_override),
@@ -109,12 +109,24 @@ export function keyRow(rec, on) {
   return tr;
 }
 
+// The status, and whether the key's limits are only observed (shadow): said in words, so it
+// does not rest on colour.
+function statusCell(rec) {
+  const td = cell(rec.status);
+  if (rec.shadow) {
+    const badge = el("span", "shadow", "badge");
+    badge.title = "Shadow: the limits are counted, not enforced";
+    td.append(" ", badge);
+  }
+  return td;
+}
+
 export function planRow(plan) {
   const tr = el("tr");
   const limit = (value) => (value === null || value === undefined ? "—" : count.format(value));
   tr.append(
     cell(plan.plan), cell(limit(plan.rpm)), cell(limit(plan.rpd)), cell(limit(plan.tpm)),
-    cell(limit(plan.tpd)),
+    cell(limit(plan.tpd)), cell(plan.shadow ? "shadow" : "enforced"),
   );
   return tr;
 }

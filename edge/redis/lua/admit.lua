@@ -15,8 +15,9 @@ ARGV[3]  the request body's model, as far as the caller read it: "" not read (th
          the model
 ARGV[4]  credits an admitted request costs (pricing.request, a whole number)
 ARGV[5]  days of usage history to keep (usage.retention_days)
-ARGV[6…] the plan table, flattened: name, rpm, rpd, tpm, tpd, name, … (requests per window;
-         tokens per window, -1 = no token limit)
+ARGV[6…] the plan table, flattened: name, rpm, rpd, tpm, tpd, shadow, name, … (requests
+         per window; tokens per window, -1 = no token limit; shadow 1 = observe the plan's
+         limits, never enforce them)
 
 Record fields read: hash, prev_hash, prev_until (unix s), plan, rpm, rpd, tpm, tpd (optional
 overrides, non-negative integers; anything else falls back to the plan), status (active |
@@ -24,7 +25,8 @@ paused | revoked; empty = active), expires (unix s; empty = never; anything else
 requests (a count; anything else is reset), scopes (JSON {"routes": [...], "models": [...]};
 model scopes apply to requests with a body; absent, empty or {} = everything; anything but a
 JSON object = nothing), credits (absent or empty = unlimited; a whole number, negative after
-usage in flight = the balance; anything else = none left).
+usage in flight = the balance; anything else = none left), shadow ("1" or "true": the key's
+limits are observed, not enforced; "0" or "false": enforced; anything else: the plan's say).
 Record fields written on admission: last_used (unix s), requests (+1), credits (- the request
 price, if limited). On any answer but 1 and 10 to the previous secret during its grace:
 previous_key_requests (+1), previous_key_last_used (unix s).
@@ -45,6 +47,12 @@ bounded by the lengths of glob and model (never a backtracking pattern: `*-*-*-*
 bytes is unusable (11). A key with model scopes needs the model: without ARGV[3] the answer
 is 10 (read the body and ask again), nothing charged.
 
+Shadow limits: a shadowed key whose request or token buckets would refuse it (5, 6, 12, 13) is
+admitted instead with 14, 15, 16 or 17 (the same reply, so the caller can send the real
+limit's headers): no bucket is charged for it, the rest is as for an admission (last_used,
+requests, the request price from the balance, usage history `requests`). Scopes and credits
+are never shadowed.
+
 Time is Redis time (TIME) in milliseconds, never the caller's. Buckets refill continuously:
 capacity / 60000 tokens per ms (minute) and capacity / 86400000 per ms (day). A request is
 admitted only when both request buckets hold a whole token, every token bucket of the key
@@ -60,7 +68,8 @@ Reply, decoded positionally by proxy/admission.py:
            5 minute bucket empty, 6 day bucket empty, 7 plan not configured,
            8 route or model outside the key's scopes, 9 no credits left,
            10 model needed (the key has model scopes), 11 body unusable for model scopes,
-           12 minute token bucket at or below zero, 13 day token bucket at or below zero
+           12 minute token bucket at or below zero, 13 day token bucket at or below zero,
+           14-17 admitted in shadow, where 5, 6, 12, 13 would have refused
   2 plan   the record's plan name
   3 rpm    4 rpd      effective limits
   5 minute tokens left (whole)   6 ms until the minute bucket is full
@@ -72,7 +81,8 @@ Reply, decoded positionally by proxy/admission.py:
   13 tpm  14 tpd     effective token limits (-1: none)
   15 LLM tokens in the minute bucket (whole, may be negative)  16 ms until it is full
   17 LLM tokens in the day bucket (whole, may be negative)     18 ms until it is full
-Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10, 11 and 12;
+Codes 1-4 and 7 carry only the first one or two entries; codes 8-11 carry 2, 10, 11 and 12
+(and code 8 in entry 3 what was out of scope: 1 the route, 2 the model, 0 unreadable scopes);
 entries 13-18 come only for a key with a token limit (no token limit: the reply ends at 12).
 ]]
 
@@ -149,7 +159,8 @@ local function model_allowed(globs, model)
 end
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'prev_hash', 'prev_until', 'plan', 'rpm', 'rpd',
-  'status', 'expires', 'requests', 'scopes', 'credits', 'tpm', 'tpd', 'previous_key_requests')
+  'status', 'expires', 'requests', 'scopes', 'credits', 'tpm', 'tpd', 'previous_key_requests',
+  'shadow')
 if not rec[1] then return {1} end
 
 local clock = redis.call('TIME')
@@ -188,11 +199,12 @@ if rec[8] and rec[8] ~= '' then
 end
 if status and status ~= '' and status ~= 'active' then return refused({4, plan}) end
 
-local plan_rpm, plan_rpd, plan_tpm, plan_tpd
-for i = 6, #ARGV, 5 do
+local plan_rpm, plan_rpd, plan_tpm, plan_tpd, plan_shadow
+for i = 6, #ARGV, 6 do
   if ARGV[i] == plan then
     plan_rpm, plan_rpd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     plan_tpm, plan_tpd = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    plan_shadow = ARGV[i + 5] == '1'
     break
   end
 end
@@ -214,7 +226,7 @@ if rec[10] and rec[10] ~= '' then
   if #models > 0 then scoped = scoped + 1 end
   if #routes > 0 then scoped = scoped + 2 end
   if #routes > 0 and not route_allowed(routes, ARGV[2]) then
-    return refused({8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
+    return refused({8, plan, 1, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
   end
   if #models > 0 then
     local state = ARGV[3]
@@ -224,7 +236,7 @@ if rec[10] and rec[10] ~= '' then
         return refused({11, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
       end
       if not model_allowed(models, string.sub(state, 2)) then
-        return refused({8, plan, 0, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
+        return refused({8, plan, 2, 0, 0, 0, 0, 0, 0, credits, scoped + balance_flag, expiry})
       end
     end
   end
@@ -282,6 +294,37 @@ local function token_fields()
   return tpm, tpd, math.floor(tmt + EPS), tm_full, math.floor(tdt + EPS), td_full
 end
 
+-- the record's side of an admission (the buckets are the caller's): last_used, requests, the
+-- request price from the balance (entry 10 of the reply), the usage history
+local function admitted(reply)
+  redis.call('HSET', KEYS[1], 'last_used', now_s)
+  if whole(rec[9]) then
+    redis.call('HINCRBY', KEYS[1], 'requests', 1)
+  else
+    redis.call('HSET', KEYS[1], 'requests', 1)
+  end
+  local price = tonumber(ARGV[4])
+  local spent = 0
+  if limited and price > 0 then
+    credits, spent = credits - price, price
+    redis.call('HSET', KEYS[1], 'credits', string.format('%d', credits))
+    reply[10] = credits
+  end
+  return done(reply, 'requests', spent)
+end
+
+local shadow = plan_shadow
+if rec[15] == '1' or rec[15] == 'true' then shadow = true end
+if rec[15] == '0' or rec[15] == 'false' then shadow = false end
+local SHADOW_OF = {[5] = 14, [6] = 15, [12] = 16, [13] = 17}
+
+-- a bucket refuses: a 429, or for a shadowed key an admission that charges no bucket
+local function limited_or_shadowed(reply)
+  if not shadow then return limited_by(reply) end
+  reply[1] = SHADOW_OF[reply[1]]
+  return admitted(reply)
+end
+
 if mt < 1 - EPS or dt < 1 - EPS then
   local code, retry = 5, 0
   if dt < 1 - EPS then
@@ -290,7 +333,7 @@ if mt < 1 - EPS or dt < 1 - EPS then
   if mt < 1 - EPS then
     retry = math.max(retry, until_level(mt, mts, rpm, MINUTE, 1))
   end
-  return limited_by({code, plan, rpm, rpd,
+  return limited_or_shadowed({code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
     math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
     token_fields()})
@@ -305,7 +348,7 @@ if (tpm >= 0 and tmt <= EPS) or (tpd >= 0 and tdt <= EPS) then
   if tpm >= 0 and tmt <= EPS then
     retry = math.max(retry, until_level(tmt, tmts, tpm, MINUTE, EPS * 2) + 1)
   end
-  return limited_by({code, plan, rpm, rpd,
+  return limited_or_shadowed({code, plan, rpm, rpd,
     math.floor(mt + EPS), until_level(mt, mts, rpm, MINUTE, rpm),
     math.floor(dt + EPS), until_level(dt, dts, rpd, DAY, rpd), retry, credits, flags, expiry,
     token_fields()})
@@ -318,17 +361,5 @@ redis.call('HSET', KEYS[2], 'tokens', mt, 'ts', mts)
 redis.call('PEXPIRE', KEYS[2], m_full + 1000)
 redis.call('HSET', KEYS[3], 'tokens', dt, 'ts', dts)
 redis.call('PEXPIRE', KEYS[3], d_full + 1000)
-redis.call('HSET', KEYS[1], 'last_used', now_s)
-if whole(rec[9]) then
-  redis.call('HINCRBY', KEYS[1], 'requests', 1)
-else
-  redis.call('HSET', KEYS[1], 'requests', 1)
-end
-local price = tonumber(ARGV[4])
-local spent = 0
-if limited and price > 0 then
-  credits, spent = credits - price, price
-  redis.call('HSET', KEYS[1], 'credits', string.format('%d', credits))
-end
-return done({0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full, 0,
-  credits, flags, expiry, token_fields()}, 'requests', spent)
+return admitted({0, plan, rpm, rpd, math.floor(mt + EPS), m_full, math.floor(dt + EPS), d_full,
+  0, credits, flags, expiry, token_fields()})

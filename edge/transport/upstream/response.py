@@ -23,6 +23,7 @@ class Reader(Protocol):
     """The connection an answer arrives on, as the answer uses it."""
 
     loop: asyncio.AbstractEventLoop
+    last: float  # loop time the upstream last sent a byte
 
     def pause_reading(self) -> None: ...
 
@@ -51,6 +52,7 @@ class Response:
         "headers",
         "is_head",
         "status",
+        "tail",
     )
 
     def __init__(self, reader: Reader, is_head: bool) -> None:
@@ -68,6 +70,7 @@ class Response:
         self._loop = reader.loop
         self._sink: Sink | None = None
         self._piped: asyncio.Future[None] | None = None
+        self.tail = b""  # the last bytes handed to the sink (where an SSE stream stands)
 
     def pipe(self, sink: Sink) -> asyncio.Future[None]:
         """Hand the body to `sink` from now on, as it arrives, instead of keeping it for
@@ -97,6 +100,19 @@ class Response:
     def paused(self) -> bool:
         """Reading is paused on this answer's behalf (edge is holding the upstream back)."""
         return self._paused
+
+    @property
+    def last_read(self) -> float:
+        """Loop time the upstream last sent a byte of this answer (now, once it is whole)."""
+        reader = self._reader
+        return reader.last if reader is not None else self._loop.time()
+
+    @property
+    def between_events(self) -> bool:
+        """A piped SSE body stands between two events: nothing relayed yet, or the last piece
+        ended with the blank line that ends an event."""
+        tail = self.tail
+        return not tail or tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
 
     def resume(self) -> None:
         """The sink can take more again: read from the upstream again."""
@@ -161,6 +177,8 @@ class Response:
         self._size = 0
         if not data and more:
             return
+        if data:
+            self.tail = data[-4:]
         writable = self._sink(data, more)  # type: ignore[misc]
         if not writable and more:
             self._set_paused(True)
