@@ -19,7 +19,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--quick",
+            "--connections",
+            "1,32",
+            "--out",
+            str(tmp_path),
+        ],  # fmt: skip
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -37,7 +46,7 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
         "edge-2w",
     }  # fmt: skip
     load = {(r["target"], r["connections"]): r for r in results["load"]}
-    assert set(load) == {(n, c) for n in names for c in (1, 32, 128)}
+    assert set(load) == {(n, c) for n in names for c in (1, 32)}  # 128 too in a real run
     for (name, _), row in load.items():
         assert row["rps"] > 0 and row["p50_ms"] > 0 and row["errors"] == 0, row
         if name != "direct":
