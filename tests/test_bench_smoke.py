@@ -28,7 +28,7 @@ def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path: Path) -> Non
             "1,32",
             "--out",
             str(tmp_path),
-        ],  # fmt: skip
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
