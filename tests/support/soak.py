@@ -153,7 +153,7 @@ def soak(
             "plain": new_key(redis.url, "team", rpm=100_000, rpd=10_000_000)[0],
             "stream": new_key(redis.url, "team", rpm=100_000, rpd=10_000_000)[0],
             "abort": new_key(redis.url, "team", rpm=100_000, rpd=10_000_000)[0],
-            "limited": new_key(redis.url, "free", rpm=30)[0],
+            "limited": new_key(redis.url, "free", rpm=10)[0],  # empty within seconds
             "bad": keys.make_key("gw_sk_", keys.new_kid()),
         }
         start = time.monotonic()
