@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(fleet.metered(edge, fleet.metered_key))
         targets.append(fleet.edge(fleet.static.port, access_log=True))
         targets.append(fleet.edge(fleet.static.port, routed=True))
+        targets.append(fleet.edge(fleet.static.port, traced=True))
         targets.append(fleet.edge(fleet.static.port, workers=2))
         if (os.cpu_count() or 1) < 2:
             notes.append("only one CPU: the 2-worker row shows contention, not scaling")
@@ -269,6 +270,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     v = get(load, ("edge-1w-routed", 1), "redis_cmds_per_req")
     target("edge-1w, 2 upstreams: Redis commands per request", "= 1", v, v == 1.0)
+    v = get(load, ("edge-1w-traced", 1), "redis_cmds_per_req")
+    target("edge-1w, tracing on: Redis commands per request", "= 1", v, v == 1.0)
     return found
 
 

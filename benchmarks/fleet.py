@@ -11,7 +11,9 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.support.edge_process import REPO, EdgeProcess, edge_env, run_cli
@@ -114,6 +116,7 @@ class Fleet(contextlib.ExitStack):
         wrapper: tuple[str, ...] = (),
         access_log: bool = False,
         routed: bool = False,
+        traced: bool = False,
     ) -> Target:
         """An edge process; `access_log`: with `log.access` on (its lines go to the log file,
         as they would to a collector's pipe); `routed`: two `[[upstreams]]` (both this
@@ -125,6 +128,8 @@ class Fleet(contextlib.ExitStack):
             EDGE_LOG_LEVEL="warning",
             EDGE_LOG_ACCESS="true" if access_log else "false",
         )
+        if traced:
+            env["EDGE_TRACING_OTLP_ENDPOINT"] = self.otlp_sink()
         if routed:
             del env["EDGE_UPSTREAM_URL"], env["EDGE_UPSTREAM_API_KEY"]
             env["EDGE_UPSTREAMS"] = json.dumps(
@@ -135,7 +140,10 @@ class Fleet(contextlib.ExitStack):
             )
         args = ("--workers", str(workers))
         name = (
-            f"edge-{workers}w" + ("-access" if access_log else "") + ("-routed" if routed else "")
+            f"edge-{workers}w"
+            + ("-access" if access_log else "")
+            + ("-routed" if routed else "")
+            + ("-traced" if traced else "")
         )
         proc = EdgeProcess(self.dir, env, name, args, wrapper).start(timeout=300 if wrapper else 60)
         self.callback(proc.stop)
@@ -143,12 +151,32 @@ class Fleet(contextlib.ExitStack):
             name,
             f"edge, {workers} worker{'s' if workers > 1 else ''}"
             + (", access log on" if access_log else "")
-            + (", 2 upstreams routed by model" if routed else ""),
+            + (", 2 upstreams routed by model" if routed else "")
+            + (", tracing on (OTLP)" if traced else ""),
             proc.port,
             proc.pid,
             key=self.key,
             edge=True,
         )
+
+    def otlp_sink(self) -> str:
+        """An OTLP/HTTP endpoint that takes every export and answers 200 (a thread here: what
+        is measured is edge's cost of making and batching spans, not a collector's)."""
+
+        class Sink(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server calls it by this name
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True).start()
+        self.callback(server.shutdown)
+        return f"http://127.0.0.1:{server.server_port}"
 
     @staticmethod
     def metered(edge: Target, key: str) -> Target:

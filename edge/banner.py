@@ -13,8 +13,10 @@ log = logging.getLogger("edge")
 DEMO_BODY = '{"model": "edge-demo", "messages": [{"role": "user", "content": "Hello"}]}'
 
 
-def announce(rt: Runtime) -> None:
-    """Say how to call this instance (and warn about the embedded Redis)."""
+def announce(rt: Runtime, show_admin_token: bool = False) -> None:
+    """Say how to call this instance (and warn about the embedded Redis). `show_admin_token`:
+    the admin token was made for this demo run (embedded Redis, demo upstream), so printing
+    it gives away nothing that outlives the process."""
     s = rt.settings
     base = f"http://{_display_host(s.server.host)}:{s.server.port}"
     admin = f"http://{_display_host(s.admin.host)}:{s.admin.port}" if s.admin.port else base
@@ -36,6 +38,10 @@ def announce(rt: Runtime) -> None:
     ]
     if s.admin.port:
         lines.append(f"  admin API, dashboard and /metrics on {admin}")
+    token = s.admin.token.get_secret_value()
+    if token:
+        shown = f"   admin token (this run only): {token}" if show_admin_token else ""
+        lines.append(f"  Dashboard: {admin}/admin/{shown}")
     if s.demo_upstream:
         lines.append("  DEMO UPSTREAM: no EDGE_UPSTREAM_URL set; answers are canned, not a model.")
     if rt.demo_key:

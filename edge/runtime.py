@@ -6,8 +6,10 @@ so tests can run many apps, each with its own Redis client, HTTP pool and metric
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +25,16 @@ from edge.proxy.metering import Pricing
 from edge.proxy.policy import provider_headers
 from edge.proxy.routing import Breaker, Router, Target
 from edge.proxy.settlement import Settler
+from edge.proxy.tracing import Tracing
 from edge.redis import clients as connection
 from edge.redis.failures import FAILURES
 from edge.redis.scripts import Scripts
 from edge.redis.types import ScriptClient
-from edge.settings import Settings, Upstream
+from edge.settings import Settings
+from edge.tls_files import client_context
 from edge.transport.upstream.pool import UpstreamPool
+from edge.upstream_settings import Upstream
+from edge.urls import egress_proxy, redact_url
 
 log = logging.getLogger("edge")
 
@@ -46,6 +52,7 @@ class Runtime:
     store: KeyStore
     settler: Settler
     access: AccessLog | None  # the access log, when `log.access` is on
+    tracing: Tracing | None  # OpenTelemetry spans, when `tracing.otlp_endpoint` is set
     demo_key: str | None = None
 
 
@@ -81,6 +88,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             access = AccessLog(redis)
             access.start()
             stack.push_async_callback(access.close)  # after the last request's line
+        tracing = None
+        if settings.tracing.otlp_endpoint:
+            tracing = Tracing(settings.tracing.otlp_endpoint, settings.tracing.service_name)
+            stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # the last spans
         yield Runtime(
             settings=settings,
             redis=redis,
@@ -93,6 +104,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             store=KeyStore(redis, scripts, settings),
             settler=settler,
             access=access,
+            tracing=tracing,
         )
 
 
@@ -106,13 +118,21 @@ class Pools:
 
     def open(self, spec: Upstream) -> UpstreamPool:
         up = spec.settings
+        url = up.url or self.demo_url
+        https = url.startswith("https://")
+        context = client_context(up.ca_file, up.cert_file, up.key_file) if https else None
+        proxy = egress_proxy(url, up.proxy, os.environ) if up.url else None  # demo: local
+        if proxy:
+            log.info("upstream %s is reached through the proxy %s", spec.name, redact_url(proxy))
         pool = UpstreamPool(
-            up.url or self.demo_url,
+            url,
             up.max_connections,
             up.connect_timeout,
             up.read_timeout,
+            ssl_context=context,
             max_head_bytes=up.max_header_bytes,
             max_head_fields=up.max_headers,
+            proxy=proxy,
         )
         self.all.append(pool)
         return pool

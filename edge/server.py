@@ -124,13 +124,14 @@ def run_server(
     demo_key: bool = False,
     source: Source | None = None,
     signals: Signals | None = None,
+    show_admin_token: bool = False,
 ) -> int:
     """Serve on `sockets` until stopped; 0 after a clean stop. `source`: where a reload reads
     the configuration; `signals`: how SIGHUP reloads it (edge/reload.py)."""
 
     async def on_ready(rt: Runtime) -> None:
         await create_demo_key(rt, asked=demo_key)
-        announce(rt)
+        announce(rt, show_admin_token)
 
     app = create_app(settings, on_ready if banner else None, source, signals)
     server = EdgeServer(uvicorn_config(app, settings), app, settings.server.drain_delay)

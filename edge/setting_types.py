@@ -12,7 +12,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, St
 from pydantic_core import ErrorDetails
 
 from edge.redis_urls import check_url
-from edge.urls import check_upstream_url, redact_url
+from edge.tls_files import client_context, readable
+from edge.urls import check_proxy_url, check_upstream_url, redact_url
 
 Seconds = Annotated[float, Field(gt=0, le=86_400 * 365, allow_inf_nan=False)]
 Count = Annotated[int, Field(gt=0, le=1_000_000)]
@@ -58,7 +59,7 @@ class WithUrl(Section):
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            yield name, redact_url(value) if name == "url" else value
+            yield name, redact_url(value) if name in ("url", "proxy") and value else value
 
 
 def _network(value: str) -> str:
@@ -117,3 +118,24 @@ def error_message(error: ErrorDetails, unknown: str = "unknown setting") -> str:
     if error["type"] == "json_invalid":
         return "the body is not valid JSON"
     return message.removeprefix("Value error, ")
+
+
+def _pem_file(path: str) -> str:
+    return readable(path) if path else path
+
+
+def _ca_bundle(path: str) -> str:
+    if path:
+        client_context(readable(path))
+    return path
+
+
+def _proxy_url(url: str) -> str:
+    if url and url != "direct":
+        check_proxy_url(url)
+    return url
+
+
+PemFile = Annotated[str, AfterValidator(_pem_file)]  # "" or a readable file
+CaBundle = Annotated[str, AfterValidator(_ca_bundle)]  # "" or a PEM bundle of certificates
+ProxyUrl = Annotated[str, AfterValidator(_proxy_url)]  # "", "direct" or http://[u:p@]host:port

@@ -18,10 +18,11 @@ import os
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     SecretStr,
@@ -33,26 +34,27 @@ from pydantic import (
 
 from edge.setting_types import (
     Count,
-    EnvName,
     Glob,
-    HeaderValue,
     IPNetwork,
     Limit,
     PerMillion,
     RedisUrl,
-    RouteRule,
     Seconds,
-    SecretHeaderValue,
     Section,
-    Status,
-    UpstreamName,
-    UpstreamUrl,
     WithUrl,
     error_message,
     error_place,
     json_list,
     split_list,
 )
+from edge.tls_files import client_context
+from edge.upstream_settings import (
+    RoutingSettings,
+    Upstream,
+    UpstreamEntry,
+    UpstreamSettings,
+)
+from edge.urls import check_upstream_url
 
 DEFAULT_CONFIG = Path("config") / "edge.toml"
 PLAN_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -96,17 +98,11 @@ class RedisSettings(WithUrl):
     fail_open_auth_ttl: Annotated[Seconds, Field(le=86_400)] = 60.0
 
 
-class UpstreamSettings(WithUrl):
-    url: UpstreamUrl = ""
-    api_key: SecretHeaderValue = SecretStr("")
-    organization: HeaderValue = ""  # the operator's own OpenAI-Organization; clients' dropped
-    project: HeaderValue = ""  # the operator's own OpenAI-Project; clients' are dropped
-    connect_timeout: Seconds = 5.0
-    read_timeout: Seconds = 600.0
-    max_connections: Count = 1000
-    # an answer's head beyond either is a bad response (502): memory stays bounded
-    max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
-    max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
+def _otlp_url(url: str) -> str:
+    """An OTLP/HTTP collector's base URL (spans go to <url>/v1/traces)."""
+    if url:
+        check_upstream_url(url)
+    return url
 
 
 KeyHeader = Literal["authorization", "bearer", "api-key", "x-api-key"]
@@ -179,48 +175,13 @@ class MeteringSettings(Section):
     stream_usage: Literal["inject", "client"] = "inject"
 
 
+class TracingSettings(Section):
+    otlp_endpoint: Annotated[str, AfterValidator(_otlp_url)] = ""  # "": tracing off
+    service_name: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "edge"
+
+
 class UsageSettings(Section):
     retention_days: Annotated[int, Field(ge=1, le=3_650)] = 90  # per-key daily usage history
-
-
-class UpstreamEntry(WithUrl):
-    """One of several upstreams (`[[upstreams]]`). Unset timeouts and limits are `[upstream]`'s;
-    the provider key is read from the variable `api_key_env` names, never from the file."""
-
-    name: UpstreamName
-    url: UpstreamUrl
-    api_key_env: EnvName = ""
-    api_key: SecretHeaderValue = SecretStr("")  # filled from api_key_env by load_settings
-    models: Annotated[tuple[Glob, ...], BeforeValidator(split_list)] = ("*",)
-    weight: Annotated[int, Field(ge=1, le=1_000)] = 1
-    routes: Annotated[tuple[RouteRule, ...], BeforeValidator(split_list)] = ()
-    organization: HeaderValue = ""
-    project: HeaderValue = ""
-    connect_timeout: Seconds | None = None
-    read_timeout: Seconds | None = None
-    max_connections: Count | None = None
-
-
-class RoutingSettings(Section):
-    # answers that send a request on to the next upstream serving its model
-    failover_statuses: Annotated[tuple[Status, ...], BeforeValidator(split_list)] = (
-        429, 500, 502, 503, 504,
-    )  # fmt: skip
-    max_attempts: Annotated[int, Field(ge=1, le=10)] = 2  # upstreams tried per request
-    cooldown_failures: Annotated[int, Field(ge=1, le=100_000)] = 5  # within cooldown_window...
-    cooldown_window: Seconds = 30.0
-    cooldown_seconds: Seconds = 30.0  # ...take an upstream out for this long
-
-
-class Upstream(NamedTuple):
-    """An upstream as the data plane uses it: `[upstream]` is one named `default` serving
-    every model; each `[[upstreams]]` entry is one with `[upstream]`'s values where unset."""
-
-    name: str
-    settings: UpstreamSettings
-    models: tuple[str, ...] = ("*",)
-    weight: int = 1
-    routes: tuple[str, ...] = ()
 
 
 PlanName = Annotated[str, StringConstraints(pattern=PLAN_NAME)]
@@ -249,6 +210,7 @@ class Settings(Section):
     usage: UsageSettings = UsageSettings()
     upstreams: Annotated[tuple[UpstreamEntry, ...], BeforeValidator(json_list)] = ()
     routing: RoutingSettings = RoutingSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -272,6 +234,13 @@ class Settings(Section):
         names = [entry.name for entry in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstreams: two upstreams have the same name")
+        for upstream in self.upstream_list if self.upstreams else ():
+            up = upstream.settings  # an entry's own files with [upstream]'s: do they load?
+            if up.ca_file or up.cert_file or up.key_file:
+                try:
+                    client_context(up.ca_file, up.cert_file, up.key_file)
+                except ValueError as exc:
+                    raise ValueError(f"upstreams: {upstream.name}: {exc}") from None
         return self
 
     @property
@@ -292,6 +261,11 @@ class Settings(Section):
                         "connect_timeout": entry.connect_timeout or base.connect_timeout,
                         "read_timeout": entry.read_timeout or base.read_timeout,
                         "max_connections": entry.max_connections or base.max_connections,
+                        **{
+                            name: getattr(entry, name)
+                            for name in ("ca_file", "cert_file", "key_file", "proxy")
+                            if getattr(entry, name) is not None
+                        },
                     }
                 ),
                 entry.models,
@@ -321,6 +295,7 @@ SECTIONS: dict[str, type[Section]] = {
     "metering": MeteringSettings,
     "usage": UsageSettings,
     "routing": RoutingSettings,
+    "tracing": TracingSettings,
 }
 Overrides = Mapping[str, Mapping[str, Any]]
 
@@ -449,16 +424,25 @@ def _explain(exc: ValidationError, origins: Mapping[str, str], default: str) -> 
         if loc and loc[-1] in ("[key]", "str") and error["type"] == "string_pattern_mismatch":
             loc = loc[:-1]
         dotted = ".".join(loc) or "config"
-        # an item of a list set by the environment (server.trusted_proxies.0) came from it
+        # an item of a list set by the environment (server.trusted_proxies.0) came from it;
+        # a whole section's error (two fields that go together) from where its fields came
         source = next(
             (
                 origins[".".join(loc[:n])]
                 for n in range(len(loc), 0, -1)
                 if ".".join(loc[:n]) in origins
             ),
-            default,
+            _section_origin(origins, dotted, str(error["msg"]), default),
         )
         message = error_message(error)
         if error["type"] == "string_pattern_mismatch":
             message = PATTERN_HELP.get(loc[0], message)
         yield f"{dotted} ({source}): {message}"
+
+
+def _section_origin(origins: Mapping[str, str], section: str, message: str, default: str) -> str:
+    """Where a whole section's error came from: the origin of a field it names, else of any
+    of the section's fields, else `default`."""
+    fields = {k: v for k, v in origins.items() if k.startswith(section + ".")}
+    named = [v for k, v in fields.items() if k.rsplit(".", 1)[1] in message]
+    return (named or list(fields.values()) or [default])[0]

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -70,6 +71,12 @@ def serve(settings: Settings, demo_key: bool = False, source: Source | None = No
     for sig in (signal.SIGHUP, signal.SIGUSR1):  # until the server's handlers are in place
         signal.signal(sig, signal.SIG_IGN)
     source = source or Source()
+    demo_admin = settings.embedded_redis and settings.demo_upstream and not settings.admin.token
+    if demo_admin:  # the first run shows the operator's half too: a token for this run only
+        overrides = {section: dict(values) for section, values in (source.overrides or {}).items()}
+        overrides.setdefault("admin", {})["token"] = secrets.token_urlsafe(32)
+        source = Source(source.path, overrides)
+        settings = source.load()
     pid_path = pid_file(settings.server.port)
     if settings.server.workers > 1:
         sets = worker_listeners(settings, settings.server.workers)
@@ -79,8 +86,9 @@ def serve(settings: Settings, demo_key: bool = False, source: Source | None = No
     try:
         with _pid_written(pid_path):
             return run_server(
-                settings, sockets, demo_key=demo_key, source=source, signals=Signals()
-            )
+                settings, sockets, demo_key=demo_key, source=source, signals=Signals(),
+                show_admin_token=demo_admin,
+            )  # fmt: skip
     finally:
         for sock in sockets:
             sock.close()

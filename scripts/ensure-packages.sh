@@ -6,7 +6,7 @@ set -euo pipefail
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
   wanted=(redis-server=redis-server redis-cli=redis-tools openssl=openssl chromium=chromium
-    faketime=faketime nginx=nginx promtool=prometheus)
+    faketime=faketime nginx=nginx promtool=prometheus tinyproxy=tinyproxy)
 fi
 missing=()
 for pair in "${wanted[@]}"; do

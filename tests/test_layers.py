@@ -31,6 +31,8 @@ ROOMS = {
         "settings",
         "setting_types",
         "setting_changes",
+        "tls_files",
+        "upstream_settings",
         "errors",
         "keys",
         "logs",

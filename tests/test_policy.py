@@ -30,8 +30,8 @@ from edge.proxy.policy import (
     unsafe_path,
     upstream_target,
 )
-from edge.settings import UpstreamSettings
 from edge.transport.upstream.pool import Origin
+from edge.upstream_settings import UpstreamSettings
 
 POLICY = TargetPolicy("gw_sk_", max_body=1000)
 

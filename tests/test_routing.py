@@ -14,13 +14,8 @@ import pytest
 from edge import errors
 from edge.proxy.routing import Breaker, Router, Target
 from edge.setting_changes import fixed_changes, live_changes
-from edge.settings import (
-    ConfigError,
-    RoutingSettings,
-    Upstream,
-    UpstreamSettings,
-    load_settings,
-)
+from edge.settings import ConfigError, load_settings
+from edge.upstream_settings import RoutingSettings, Upstream, UpstreamSettings
 
 
 class Clock:

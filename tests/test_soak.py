@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 def test_soak_memory_fds_connections(tmp_path: Path, upstream: FakeUpstream) -> None:
-    result = soak(tmp_path, upstream, seconds=26, warmup=8, every=6, rate=40)
+    result = soak(tmp_path, upstream, seconds=22, warmup=6, every=4, rate=40)
     print(result.summary())
     assert result.warm is not None and result.after is not None
     for warm, after in zip(result.warm.rss, result.after.rss, strict=True):
@@ -28,7 +28,7 @@ def test_soak_memory_fds_connections(tmp_path: Path, upstream: FakeUpstream) -> 
     # seen, before and after a change, on an idle machine): the baseline is the first half's
     # highest count, not one sample. A leak (a connection neither in use nor idle) grows with
     # every request that leaks it: hundreds of requests here.
-    baseline = max(s.upstream_sockets for s in result.samples if s.at <= 8 + (26 - 8) / 2)
+    baseline = max(s.upstream_sockets for s in result.samples if s.at <= 6 + (22 - 6) / 2)
     assert result.after.upstream_sockets <= baseline + 10, result.summary()
     assert result.inflight == 0, result.summary()
     assert result.statuses.get(200, 0) > 500, result.summary()

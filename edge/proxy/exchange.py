@@ -15,13 +15,16 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from time import perf_counter
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from edge import errors
 from edge.errors import Headers
 from edge.metrics.registry import NO_PLAN
 from edge.proxy.admission import Decision, rate_limit_headers
 from edge.transport.link import CLIENT, ClientLink
+
+if TYPE_CHECKING:
+    from edge.proxy.tracing import RequestTrace
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -104,6 +107,7 @@ class Exchange:
         "status",
         "task",
         "too_large",
+        "trace",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,6 +132,7 @@ class Exchange:
         self.body_problem: errors.EdgeError | None = None  # why its model cannot be used
         self.spooled_length: int | None = None  # a chunked body's size, once spooled
         self.request_id: bytes | None = None  # once an error or the access log needs it
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on
 
     def the_request_id(self) -> bytes:
         """The client's `X-Request-Id` when it sent a usable one, else edge's own: on every

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from edge import errors
 from edge.errors import RedisUnavailable
-from edge.keys import KeyFormat, ParsedKey, record_key
+from edge.keys import KeyFormat, ParsedKey
 from edge.logs import Throttle
 from edge.metrics.registry import MULTIPROC_ENV, NO_PLAN, Metrics
 from edge.proxy.access import AccessLog, upstream_request_id
@@ -52,7 +52,7 @@ from edge.proxy.fail_open import FailOpen
 from edge.proxy.hints import KidHints
 from edge.proxy.live import Live
 from edge.proxy.metering import METERED_ROUTES, Meter, UnusableBody, prepare
-from edge.proxy.models_list import NoList, scope_models, union
+from edge.proxy.models_list import answer_models
 from edge.proxy.policy import (
     ALLOW,
     API_PREFIX,
@@ -68,7 +68,7 @@ from edge.proxy.policy import (
 from edge.proxy.relay import Relay
 from edge.proxy.routing import Target
 from edge.proxy.settlement import Settler
-from edge.redis.failures import FAILURES
+from edge.proxy.tracing import TRACE_HEADERS, Tracing
 from edge.settings import Settings
 from edge.transport.upstream.errors import PoolFull, UpstreamError
 
@@ -84,6 +84,7 @@ class Resources(Protocol):
     key_format: KeyFormat
     settler: Settler
     access: AccessLog | None
+    tracing: Tracing | None
 
 
 log = logging.getLogger("edge.proxy.handler")
@@ -124,6 +125,7 @@ class Proxy:
         self._trusted = TrustedProxies(rt.settings.server.trusted_proxies)
         self._keys = KeyHeaders(rt.settings.keys.headers, rt.settings.keys.prefix)
         self._access = rt.access
+        self._tracing = rt.tracing
         self._relay = Relay(self._log_throttled, rt.settings.server.sse_keepalive)
         self._answer = self._relay.answer
         self.live = rt.live
@@ -153,6 +155,8 @@ class Proxy:
         ex = Exchange(scope, receive, send)
         if self._access is not None:
             ex.note = AccessNote()
+        if self._tracing is not None:
+            ex.trace = self._tracing.start(scope["headers"], ex.method, scope["path"])
         rt.metrics.active.inc()
         try:
             await self._handle(rt, self.live, ex)
@@ -171,6 +175,8 @@ class Proxy:
             ex.stop()
             if ex.outcome is not None:
                 rt.metrics.count(ex.plan, ex.outcome)
+            if ex.trace is not None:
+                ex.trace.finish(ex.kid, ex.plan, ex.outcome, ex.status)
             rt.metrics.active.dec()
             if ex.note is not None and self._access is not None:
                 # only a key that proved itself has its owner looked up: a stranger's made-up
@@ -232,7 +238,7 @@ class Proxy:
         if ex.note is not None:
             ex.note.plan = decision.plan
         if route == "models" and ex.method == "GET" and not live.router.single:
-            await self._list_models(rt, live, ex, inbound, key.kid)
+            await answer_models(ex, rt.redis, live.router.targets, inbound.headers)
             return
         await self._forward(rt, live, ex, raw_path, query, inbound, key.kid, route)
 
@@ -251,9 +257,14 @@ class Proxy:
         """
         hinted = key.hash in self._model_scoped
         model = await self._model(ex) if hinted else MODEL_NOT_READ
-        decision = await live.limiter.admit(key, route, model)
-        if decision.code == Code.NEED_MODEL:
-            decision = await live.limiter.admit(key, route, await self._model(ex))
+        span = ex.trace.admission() if ex.trace is not None else None
+        try:
+            decision = await live.limiter.admit(key, route, model)
+            if decision.code == Code.NEED_MODEL:
+                decision = await live.limiter.admit(key, route, await self._model(ex))
+        finally:
+            if span is not None:
+                span.end()
         if decision.model_scoped != hinted and decision.code not in SHORT_REPLIES:
             self._model_scoped.note(key.hash, decision.model_scoped)
         if self._fail_open:
@@ -356,13 +367,21 @@ class Proxy:
         sent = perf_counter()
         rt.metrics.admitted.observe(sent - ex.start)
         last = len(targets) - 1
+        if ex.trace is not None:  # the upstream gets edge's traceparent, not the client's
+            headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
         for attempt, target in enumerate(targets):
             upstream_path = upstream_target(target.base_path, raw_path, query)
+            sending = headers + target.provider
+            span = None
+            if ex.trace is not None:
+                span, traced = ex.trace.upstream(target.name)
+                sending += traced
             try:
-                resp = await target.pool.request(
-                    method, upstream_path, headers + target.provider, data, length
-                )
+                resp = await target.pool.request(method, upstream_path, sending, data, length)
             except (UpstreamError, ClientGone, BodyTooLarge) as exc:
+                if span is not None and ex.trace is not None:
+                    ex.trace.failed(span, type(exc).__name__)
+                    span.end()
                 failed = isinstance(exc, UpstreamError)
                 if failed and not isinstance(exc, PoolFull):  # PoolFull: edge's own limit
                     self._failed(rt, target)
@@ -381,10 +400,15 @@ class Proxy:
                 await ex.fail(self._relay.error(exc, target.name), "upstream_error")
                 return
             except asyncio.CancelledError:
+                if span is not None:
+                    span.end()
                 if meter is not None and d is not None and ex.client_gone:
                     # left while the upstream was at work on it: its request is charged
                     self._settle(rt, live, ex, kid, d, meter)
                 raise
+            if span is not None:
+                span.set_attribute("http.response.status_code", resp.status)
+                span.end()
             rt.metrics.upstream_status(ex.plan, target.name, resp.status)
             if resp.status in router.failover_statuses:
                 self._failed(rt, target)
@@ -417,28 +441,6 @@ class Proxy:
                 f"cooldown-{target.name}", "upstream %s held out for %g s after failures",
                 target.name, target.breaker.cooldown,
             )  # fmt: skip
-
-    async def _list_models(
-        self, rt: Resources, live: Live, ex: Exchange, inbound: Inbound, kid: str
-    ) -> None:
-        """`GET /v1/models` with several upstreams: the union of their lists (models_list.py)."""
-        d = ex.decision
-        scopes = None
-        if d is not None and d.model_scoped:
-            try:
-                scopes = scope_models(await rt.redis.hget(record_key(kid), "scopes"))
-            except FAILURES:
-                await ex.fail(
-                    errors.RedisUnavailable("connection", "reading scopes"), "unavailable"
-                )
-                return
-        try:
-            body = await union(live.router.targets, inbound.headers, scopes)
-        except NoList:
-            self._log_throttled("models", "no upstream answered GET /models")
-            await ex.fail(errors.UpstreamUnreachable(), "upstream_error")
-            return
-        await ex.answer_json(body)
 
     @staticmethod
     def _settle(

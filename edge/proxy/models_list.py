@@ -16,9 +16,13 @@ from typing import Any
 
 import orjson
 
+from edge import errors
+from edge.keys import record_key
+from edge.proxy.exchange import Exchange
 from edge.proxy.metering import glob_regex
 from edge.proxy.policy import RawHeaders
 from edge.proxy.routing import Target
+from edge.redis.failures import FAILURES
 from edge.transport.upstream.errors import UpstreamError, describe
 
 log = logging.getLogger("edge.proxy.models")
@@ -86,6 +90,27 @@ async def union(
             seen.add(model)
             data.append(item)
     return orjson.dumps({"object": "list", "data": data})
+
+
+async def answer_models(
+    ex: Exchange, redis: Any, targets: Sequence[Target], headers: RawHeaders
+) -> None:
+    """Answer `GET /v1/models` with the union (a scoped key's scopes read from its record)."""
+    d = ex.decision
+    scopes = None
+    if d is not None and d.model_scoped and ex.kid is not None:
+        try:
+            scopes = scope_models(await redis.hget(record_key(ex.kid), "scopes"))
+        except FAILURES:
+            await ex.fail(errors.RedisUnavailable("connection", "reading scopes"), "unavailable")
+            return
+    try:
+        body = await union(targets, headers, scopes)
+    except NoList:
+        log.warning("GET /v1/models: no upstream gave its list")
+        await ex.fail(errors.UpstreamUnreachable(), "upstream_error")
+        return
+    await ex.answer_json(body)
 
 
 def scope_models(raw: bytes | str | None) -> list[str] | None:

@@ -22,7 +22,7 @@ import orjson
 from edge import errors
 from edge.errors import Headers
 from edge.keys import KID_LEN
-from edge.settings import UpstreamSettings
+from edge.upstream_settings import UpstreamSettings
 
 HOP_BY_HOP = frozenset(
     {

@@ -16,8 +16,8 @@ from time import monotonic
 from edge import errors
 from edge.proxy.metering import glob_regex
 from edge.proxy.policy import RawHeaders, body_model
-from edge.settings import RoutingSettings, Upstream
 from edge.transport.upstream.pool import UpstreamPool
+from edge.upstream_settings import RoutingSettings, Upstream
 
 
 class Breaker:

@@ -52,7 +52,7 @@ class EdgeProcess(LocalServer):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edge exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -95,6 +95,8 @@ class Connection(asyncio.Protocol):
         return False  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:  # never made (a TLS handshake in a tunnel failed): the
+            return  # pool counted no connection for it
         self.closed = True
         self._stop_timer()
         resp = self.response

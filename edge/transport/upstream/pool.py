@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from edge.transport.upstream.connection import BodyData, Connection
 from edge.transport.upstream.errors import ConnectFailed, ConnectTimeout, Disconnected, PoolFull
+from edge.transport.upstream.proxy import Proxy, open_tunnel
 from edge.transport.upstream.response import Response
 
 KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
@@ -45,8 +46,17 @@ class UpstreamPool:
         ssl_context: ssl.SSLContext | None = None,
         max_head_bytes: int = 64 * 1024,
         max_head_fields: int = 100,
+        proxy: str | None = None,
     ) -> None:
         self.origin = Origin(url)
+        self.proxy = Proxy.of(proxy) if proxy else None
+        # an http upstream through a proxy: requests in absolute form, with the proxy's auth
+        self._absolute = b""
+        self._proxy_auth: list[tuple[bytes, bytes]] = []
+        if self.proxy is not None and not self.origin.https:
+            self._absolute = b"http://" + self.origin.host_header
+            if self.proxy.authorization is not None:
+                self._proxy_auth = [(b"Proxy-Authorization", self.proxy.authorization)]
         self.loop = asyncio.get_running_loop()
         self.limit = limit
         self.connect_timeout = connect_timeout
@@ -67,10 +77,12 @@ class UpstreamPool:
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], length: int | None
     ) -> bytes:
         """The request head: request line, Host, the given headers, the body's length."""
-        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nHost: "]
+        parts = [method.encode("ascii"), b" ", self._absolute, target, b" HTTP/1.1\r\nHost: "]
         parts.append(self.origin.host_header)
         parts.append(b"\r\n")
         for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in self._proxy_auth:
             parts += (name, b": ", value, b"\r\n")
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
@@ -88,7 +100,15 @@ class UpstreamPool:
         for attempt in (1, 2):
             conn = await self._acquire()
             try:
-                return await conn.exchange(head, body, is_head, self.read_timeout)
+                resp = await conn.exchange(head, body, is_head, self.read_timeout)
+                if self._absolute and resp.status == 407:  # the proxy's answer, not the upstream's
+                    resp.close()
+                    raise ConnectFailed(
+                        f"the egress proxy {self.proxy.shown if self.proxy else ''} answered "
+                        "407 (proxy authentication required): the request never reached the "
+                        "upstream"
+                    )
+                return resp
             except Disconnected:
                 # A reused connection the upstream had closed before reading a byte of this
                 # request: send an idempotent one again, once, on another connection.
@@ -174,21 +194,43 @@ class UpstreamPool:
 
     async def _connect(self) -> Connection:
         origin = self.origin
+        proxy = self.proxy
         try:
             async with asyncio.timeout(self.connect_timeout):
+                if proxy is not None and self.ssl is not None:
+                    return await self._through_tunnel(proxy)
+                host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
                 _, conn = await self.loop.create_connection(
                     lambda: Connection(self),
-                    origin.host,
-                    origin.port,
+                    host,
+                    port,
                     ssl=self.ssl,
                     server_hostname=origin.host if self.ssl is not None else None,
                 )
         except TimeoutError:
+            via = f" through the egress proxy {proxy.shown}" if proxy else ""
             raise ConnectTimeout(
-                f"could not connect to the upstream within {self.connect_timeout:g} s"
+                f"could not connect to the upstream{via} within {self.connect_timeout:g} s"
             ) from None
         except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
-            raise ConnectFailed(f"could not connect to the upstream: {exc}") from None
+            where = f"the egress proxy {proxy.shown}" if proxy else "the upstream"
+            raise ConnectFailed(f"could not connect to {where}: {exc}") from None
+        return conn
+
+    async def _through_tunnel(self, proxy: Proxy) -> Connection:
+        """An https upstream through the proxy: CONNECT, then TLS to the upstream inside."""
+        origin = self.origin
+        assert self.ssl is not None
+        raw = await open_tunnel(self.loop, proxy, origin.host, origin.port)
+        conn = Connection(self)
+        try:
+            secure = await self.loop.start_tls(raw, conn, self.ssl, server_hostname=origin.host)
+        except BaseException:
+            raw.close()
+            raise
+        if secure is None:  # the loop closed it meanwhile
+            raise ConnectFailed("the tunnel through the egress proxy closed during TLS")
+        conn.connection_made(secure)
         return conn
 
     def release(self, conn: Connection) -> None:
