@@ -30,6 +30,7 @@ import httpx
 import uvloop
 
 from benchmarks import report
+from benchmarks.capacity import CHUNKS, GAP_MS, RAMP_MS, measure_capacity
 from benchmarks.fleet import Fleet, Target
 from benchmarks.loadgen import run_wrk, write_script
 from benchmarks.streams import streams_at_once, summarize
@@ -52,12 +53,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, help="SSE chunks per stream (default 50)")
     parser.add_argument("--gap-ms", type=int, default=20, help="SSE gap between chunks")
     parser.add_argument("--with-litellm", action="store_true", help="also LiteLLM's proxy")
+    parser.add_argument(
+        "--capacity",
+        default="50,100,200,400",
+        help="stream capacity: concurrent streams, comma-separated; 'off' skips it (--quick "
+        "does); benchmarks/capacity.py",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (1 if args.quick else 8)
     args.reps = args.reps or (1 if args.quick else 3)
     args.chunks = args.chunks or (10 if args.quick else 50)
     args.connections = [int(c) for c in args.connections.split(",")]
+    off = args.quick or args.capacity == "off"
+    args.capacity = () if off else tuple(int(c) for c in args.capacity.split(","))
     args.streams = [int(c) for c in args.streams.split(",")]
     return args
 
@@ -93,11 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         stream_targets = [fleet.sse_direct(), fleet.nginx(fleet.sse.port, "nginx")]
         stream_targets.append(fleet.edge(fleet.sse.port))
         streams = measure_streams(stream_targets, args)
+        capacity = []
+        if args.capacity:
+            capacity = measure_capacity(fleet, Path(tmp), args.reps, args.capacity)
+        else:
+            notes.append("stream capacity not measured (--quick or --capacity off)")
     results: dict[str, Any] = {
         "meta": _meta(args, versions),
         "load": load,
         "streams": streams,
         "streams_meta": {"chunks": args.chunks, "gap_ms": args.gap_ms},
+        "capacity": capacity,
+        "capacity_meta": {"chunks": CHUNKS, "gap_ms": GAP_MS, "ramp_ms": RAMP_MS},
         "notes": notes,
     }
     results["targets"] = check_targets(results)
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     table = report.markdown(results)
     stem.with_suffix(".md").write_text(table)
     report.chart(stem.with_suffix(".png"), results)
+    if capacity:
+        report.capacity_chart(stem.with_name(stem.name + "-capacity.png"), results)
     print(table)
     print(f"wrote {stem}.json, .md and .png")
     return 0

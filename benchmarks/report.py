@@ -62,6 +62,28 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{row['ttfb_p50_ms']:.3f} | {_num(row.get('added_ttfb_p50_ms'), '.3f', True)} | "
                 f"{row['ttfb_max_ms']:.3f} | {row['failed_streams']} |"
             )
+    if results.get("capacity"):
+        c = results["capacity_meta"]
+        out += [
+            "",
+            f"Stream capacity: N concurrent streams of {c['chunks']} chunks {c['gap_ms']} ms "
+            f"apart, started over {c['ramp_ms']} ms (the burst: as named); compiled load "
+            "(benchmarks/go/ssebench); added = minus the direct run of the same N.",
+            "",
+            "| run | configuration | added chunk p50 ms | added p99 | added p99.9 "
+            "| TTFB p50 ms | TTFB p99 ms | proxy CPU µs/chunk | RSS MB | failed |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in results["capacity"]:
+            out.append(
+                f"| {row['run']} | {row['label']} | "
+                f"{_num(row.get('added_delay_p50_ms'), '.3f', True)} | "
+                f"{_num(row.get('added_delay_p99_ms'), '.3f', True)} | "
+                f"{_num(row.get('added_delay_p999_ms'), '.3f', True)} | "
+                f"{row['ttfb_p50_ms']:.3f} | {row['ttfb_p99_ms']:.3f} | "
+                f"{_num(row.get('cpu_us_per_chunk'), '.1f')} | {_num(row.get('rss_mb'), '.0f')} "
+                f"| {row['failed_streams']} |"
+            )
     if results["targets"]:
         out += ["", "| target | goal | measured | |", "|---|---:|---:|---|"]
         for t in results["targets"]:
@@ -108,5 +130,32 @@ def chart(path: Path, results: dict[str, Any]) -> None:
     fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=9)
     meta = results["meta"]
     fig.suptitle(f"edge benchmark, {meta['date']}, {meta['host']} ({meta['cpus']} CPUs)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def capacity_chart(path: Path, results: dict[str, Any]) -> None:
+    """Added chunk delay p99 (and p99.9) against concurrent streams, per proxy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["capacity"] if r["target"] != "direct" and r["run"].isdigit()]
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["streams"])
+        xs = [r["streams"] for r in mine]
+        line = ax.plot(xs, [r["added_delay_p99_ms"] for r in mine], marker="o", label=label)
+        ax.plot(
+            xs, [r["added_delay_p999_ms"] for r in mine], linestyle=":",
+            color=line[0].get_color(),
+        )  # fmt: skip
+    ax.set_xlabel("concurrent streams (100 chunks, 20 ms apart)")
+    ax.set_ylabel("added chunk delay, ms (solid p99, dotted p99.9)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    meta = results["meta"]
+    ax.set_title(f"stream capacity, {meta['date']}, {meta['host']} ({meta['cpus']} CPUs)")
     fig.savefig(path, dpi=110)
     plt.close(fig)

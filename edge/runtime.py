@@ -90,7 +90,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             stack.push_async_callback(access.close)  # after the last request's line
         tracing = None
         if settings.tracing.otlp_endpoint:
-            tracing = Tracing(settings.tracing.otlp_endpoint, settings.tracing.service_name)
+            t = settings.tracing
+            tracing = Tracing(t.otlp_endpoint, t.service_name, t.sample_ratio)
             stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # the last spans
         yield Runtime(
             settings=settings,

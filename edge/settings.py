@@ -178,6 +178,8 @@ class MeteringSettings(Section):
 class TracingSettings(Section):
     otlp_endpoint: Annotated[str, AfterValidator(_otlp_url)] = ""  # "": tracing off
     service_name: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "edge"
+    # the share of requests traced (a client's sampled traceparent is always followed)
+    sample_ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0
 
 
 class UsageSettings(Section):

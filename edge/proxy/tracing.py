@@ -21,12 +21,13 @@ class Tracing:
     """The tracer provider and exporter of one running app (not the process-wide globals:
     tests run many apps in one process)."""
 
-    def __init__(self, endpoint: str, service_name: str) -> None:
+    def __init__(self, endpoint: str, service_name: str, sample_ratio: float = 1.0) -> None:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
             from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
             from opentelemetry.trace.propagation.tracecontext import (
                 TraceContextTextMapPropagator,
@@ -36,7 +37,10 @@ class Tracing:
                 "tracing.otlp_endpoint is set but OpenTelemetry is not installed: "
                 "pip install 'edge[otel]'"
             ) from None
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        self.provider = TracerProvider(
+            resource=Resource.create({"service.name": service_name}),
+            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        )
         exporter = OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
         processor = BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS)
         self.provider.add_span_processor(processor)

@@ -1,0 +1,3 @@
+module edge/benchmarks/ssebench
+
+go 1.19
