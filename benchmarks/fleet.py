@@ -11,13 +11,12 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.support.edge_process import REPO, EdgeProcess, edge_env, run_cli
 from tests.support.nginx import Nginx, StaticNginx
+from tests.support.otlp_sink import otlp_sink
 from tests.support.ports import wait_port
 from tests.support.process import LocalServer
 from tests.support.redis_server import RedisServer
@@ -160,23 +159,11 @@ class Fleet(contextlib.ExitStack):
         )
 
     def otlp_sink(self) -> str:
-        """An OTLP/HTTP endpoint that takes every export and answers 200 (a thread here: what
-        is measured is edge's cost of making and batching spans, not a collector's)."""
-
-        class Sink(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # http.server calls it by this name
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-        threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True).start()
+        """An OTLP/HTTP endpoint that takes every export (tests/support/otlp_sink.py): what is
+        measured is edge's cost of making and batching spans, not a collector's."""
+        url, server = otlp_sink()
         self.callback(server.shutdown)
-        return f"http://127.0.0.1:{server.server_port}"
+        return url
 
     @staticmethod
     def metered(edge: Target, key: str) -> Target:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from edge import demo
+from tests.support.threaded_app import ThreadedApp
 from tests.support.waiting import wait_until
 
 
@@ -116,14 +116,13 @@ def _sse_event(i: int) -> bytes:
     return demo.sse_chunk("chatcmpl-fake", 0, "fake", {"content": f"tok{i} "})
 
 
-class FakeUpstream:
+class FakeUpstream(ThreadedApp):
+    thread_name = "fake-upstream"
+    client_max_size = 1024**3
+
     def __init__(self) -> None:
+        super().__init__()
         self.records: list[Record] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
 
     @property
     def base(self) -> str:
@@ -133,41 +132,6 @@ class FakeUpstream:
     def url(self) -> str:
         """The OpenAI base URL edge should be pointed at."""
         return f"{self.base}/v1"
-
-    def start(self) -> FakeUpstream:
-        self._thread = threading.Thread(target=self._run, name="fake-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("fake upstream did not start")
-        return self
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._serve())
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._shutdown())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock, backlog=1024).start()
-        self._ready.set()
-
-    async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
 
     def clear(self) -> None:
         self.records.clear()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import orjson
 from aiohttp import web
 
 from tests.support.fake_upstream import _rst
+from tests.support.threaded_app import ThreadedApp
 from tests.support.waiting import wait_until
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
@@ -95,7 +95,9 @@ class Failures:
             return self._left
 
 
-class NamedUpstream:
+class NamedUpstream(ThreadedApp):
+    thread_name = "named-upstream"
+
     def __init__(
         self,
         name: str,
@@ -105,17 +107,14 @@ class NamedUpstream:
         chunk_delay: float = 0.0,
         failures: Failures | None = None,
     ) -> None:
+        super().__init__()
+        self.thread_name = f"upstream-{name}"
         self.name = name
         self.models = list(models if models is not None else ["gpt-4o", "gpt-4o-mini"])
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.failures = failures or Failures()
         self.records: list[Seen] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
 
     # Life cycle.
 
@@ -127,47 +126,6 @@ class NamedUpstream:
     def url(self) -> str:
         """The OpenAI base URL edge is pointed at."""
         return f"{self.base}/v1"
-
-    def start(self) -> NamedUpstream:
-        self._thread = threading.Thread(target=self._run, name=f"upstream-{self.name}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"upstream {self.name} did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> NamedUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._serve())
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._shutdown())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock, backlog=1024).start()
-        self._ready.set()
-
-    async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     # Knobs and reading.
 

@@ -9,9 +9,7 @@ that a secret never left the process.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
-import socket
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tests.support.threaded_app import ThreadedApp
 from tests.support.waiting import wait_until
 
 SPAN_KIND_SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
@@ -58,57 +57,21 @@ def attributes(pairs: Any) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in pairs}
 
 
-class OtlpReceiver:
+class OtlpReceiver(ThreadedApp):
+    thread_name = "otlp-receiver"
+    handler_cancellation = False
+
     def __init__(self) -> None:
+        super().__init__()
         self.bodies: list[bytes] = []
         self.paths: list[str] = []
         self._spans: list[Span] = []
         self._lock = threading.Lock()
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
 
     @property
     def base(self) -> str:
         """What `tracing.otlp_endpoint` is set to (the exporter adds /v1/traces)."""
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> OtlpReceiver:
-        self._thread = threading.Thread(target=self._run, name="otlp-receiver", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("OTLP receiver did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._serve())
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._shutdown())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        self._ready.set()
-
-    async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()

@@ -22,13 +22,13 @@ So `STREAM` is every byte the upstream sends. Any other request gets a small JSO
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+
+from tests.support.threaded_app import ThreadedApp
 
 UPSTREAM_CACHE_CONTROL = "max-age=60, public"
 UPSTREAM_ACCEL_BUFFERING = "yes"
@@ -65,53 +65,17 @@ class Paced:
     client_gone: bool = False
 
 
-class PacedUpstream:
+class PacedUpstream(ThreadedApp):
+    thread_name = "paced-upstream"
+    backlog = 128
+
     def __init__(self) -> None:
+        super().__init__()
         self.streams: list[Paced] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> PacedUpstream:
-        self._thread = threading.Thread(target=self._run, name="paced-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("paced upstream did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._serve())
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._shutdown())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock, backlog=128).start()
-        self._ready.set()
-
-    async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

@@ -54,22 +54,18 @@ class TlsUpstream(NamedUpstream):
             ctx.load_verify_locations(self.certs.ca_cert)
         return ctx
 
-    async def _serve(self) -> None:
+    async def _sites(self, runner: web.AppRunner) -> None:
+        """TLS on every address in `hosts`, one port."""
         loop = self._loop
         assert loop is not None
         loop.set_exception_handler(_quiet_handshakes)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
         context = self.context()
         for host in self.hosts:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, self.port))  # the first binds port 0: a free one
             self.port = sock.getsockname()[1]
-            await web.SockSite(self._runner, sock, ssl_context=context, backlog=128).start()
-        self._ready.set()
+            await web.SockSite(runner, sock, ssl_context=context, backlog=128).start()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peercert") if request.transport else None
