@@ -18,7 +18,6 @@ second per kind), so each configuration has its own edge, all started together.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -31,7 +30,15 @@ import httpx
 import pytest
 
 from edge.control.records import KeyRecord
-from tests.support.edge_process import CONFIG, PROVIDER_KEY, REPO, EdgeProcess, auth, edge_env
+from tests.support.edge_process import (
+    CONFIG,
+    PROVIDER_KEY,
+    REPO,
+    EdgeProcess,
+    auth,
+    edge_env,
+    inherited_env,
+)
 from tests.support.fleet import Fleet, clean_proxy_env, log_lines
 from tests.support.keys import new_key, secret_part
 from tests.support.named_upstream import edge_config, edge_env_for, write_config
@@ -231,7 +238,7 @@ def test_each_upstream_entry_has_its_own_ca_and_client_certificate(
 
 
 def serve(env: dict[str, str]) -> subprocess.Popen[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    full = inherited_env()
     full.update({"EDGE_CONFIG": str(CONFIG), "EDGE_SERVER_DRAIN_DELAY": "0", **env})
     return subprocess.Popen(
         [sys.executable, "-m", "edge", "serve", "--port", str(free_port())],

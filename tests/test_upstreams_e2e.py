@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ import redis
 
 from edge.control.records import KeyRecord
 from edge.keys import record_key
-from tests.support.edge_process import REPO, EdgeProcess, auth
+from tests.support.edge_process import REPO, EdgeProcess, auth, inherited_env
 from tests.support.metrics import scrape, value
 from tests.support.monitor import CommandCounter
 from tests.support.named_upstream import (
@@ -609,7 +608,7 @@ def test_unknown_model_is_a_404_and_the_credit_comes_back(
 
 
 def run_serve(config: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    full = inherited_env()
     full.update({"EDGE_CONFIG": str(config), "EDGE_SERVER_DRAIN_DELAY": "0", **env})
     return subprocess.run(
         [sys.executable, "-m", "edge", "serve", "--port", str(free_port())],

@@ -34,7 +34,7 @@ class EdgeProcess(LocalServer):
         self.env = env
 
     def start(self, timeout: float = 20.0) -> EdgeProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+        env = inherited_env()
         env.update({"EDGE_CONFIG": str(CONFIG), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115
@@ -72,7 +72,7 @@ def run_cli(
     *args: str, redis_url: str | None, **env_extra: str
 ) -> subprocess.CompletedProcess[str]:
     """`python -m edge *args` as a user runs it; `redis_url=None` leaves EDGE_REDIS_URL unset."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env = inherited_env()
     env["EDGE_CONFIG"] = str(CONFIG)
     if redis_url is not None:
         env["EDGE_REDIS_URL"] = redis_url
@@ -85,6 +85,20 @@ def run_cli(
         text=True,
         timeout=30,
     )
+
+
+PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's environment for an edge process, less every EDGE_ setting and the
+    proxy variables (a runner's HTTP_PROXY would send edge's loopback upstream calls to it):
+    a test sets what it means to."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EDGE_") and k.lower() not in PROXY_VARIABLES
+    }
 
 
 def auth(key: str, **extra: str) -> dict[str, str]:
