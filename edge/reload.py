@@ -48,6 +48,7 @@ class Reloader:
         self.proxy = proxy
         self.supervisor = supervisor
         self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None  # a signal's reload, referenced till done
 
     async def reload(self, actor: str, audit: bool = True, siblings: bool = False) -> list[str]:
         """Apply the configuration as it now reads; the LIVE sections it changed. Raises
@@ -96,7 +97,7 @@ class Reloader:
         rt.settings = rt.store.settings = new
         rt.live = live
         self.proxy.swap(live)  # from here on, new requests use `live`
-        retire_replaced(before, live, rt.pools)
+        retire_replaced(before, live)
         return changed
 
     def on_signal(self, actor: str, audit: bool) -> None:
@@ -110,5 +111,4 @@ class Reloader:
             except Exception:
                 log.exception("reload failed")
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._task = task  # keep a reference until it is done
+        self._task = asyncio.get_running_loop().create_task(run())

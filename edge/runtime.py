@@ -138,10 +138,6 @@ class Pools:
         self.all.append(pool)
         return pool
 
-    def retire(self, pool: UpstreamPool) -> None:
-        pool.retire()
-        self.all = [p for p in self.all if p is not pool or p.busy]
-
     async def close(self) -> None:
         for pool in self.all:
             await pool.close()
@@ -180,12 +176,13 @@ def build_live(
     return Live(settings, limiter, Pricing(settings.pricing), Router(targets, routing))
 
 
-def retire_replaced(old: Live, new: Live, pools: Pools) -> None:
-    """Close what `new` no longer uses, once its requests are done with it."""
+def retire_replaced(old: Live, new: Live) -> None:
+    """Close what `new` no longer uses, once its requests are done with it (a retired pool
+    stays in `Pools.all`, closed at shutdown if a request still holds a connection then)."""
     using = {id(t.pool) for t in new.router.targets}
     for target in old.router.targets:
         if id(target.pool) not in using:
-            pools.retire(target.pool)
+            target.pool.retire()
 
 
 async def create_demo_key(rt: Runtime, asked: bool) -> None:

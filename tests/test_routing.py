@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from edge import errors
+from edge.proxy.policy import BodyModel, body_model
 from edge.proxy.routing import Breaker, Router, Target
 from edge.setting_changes import fixed_changes, live_changes
 from edge.settings import ConfigError, load_settings
@@ -222,15 +223,20 @@ async def test_one_upstream_reads_no_body_to_route(monkeypatch: pytest.MonkeyPat
 def test_choose_says_why_a_request_cannot_be_routed() -> None:
     a, b = target("a", ("gpt-*",)), target("b", ("Qwen/*",), routes=("files",))
     router = Router([a, b], RoutingSettings())
-    chosen, model = router.choose("chat/completions", False, None, b'{"model": "Qwen/Qwen2"}')
+
+    def choose(route: str, body: bytes | None) -> tuple[object, str | None]:
+        read = body_model(body) if body is not None else None
+        return router.choose(route, router.claimed(route), read)
+
+    chosen, model = choose("chat/completions", b'{"model": "Qwen/Qwen2"}')
     assert chosen == [b] and model == "Qwen/Qwen2"
-    chosen, model = router.choose("chat/completions", False, None, b'{"model": "claude-3"}')
+    chosen, model = choose("chat/completions", b'{"model": "claude-3"}')
     assert isinstance(chosen, errors.ModelNotFound) and chosen.status == 404
     assert "`claude-3` does not exist" in chosen.message and model == "claude-3"
-    twice = b'{"model": "gpt-4o", "MODEL": "Qwen/x"}'
-    chosen, _ = router.choose("chat/completions", False, None, twice)
+    chosen, _ = choose("chat/completions", b'{"model": "gpt-4o", "MODEL": "Qwen/x"}')
     assert isinstance(chosen, errors.BadRequest) and chosen.status == 400
-    assert router.choose("chat/completions", True, "gpt-4o", None) == ([a], "gpt-4o")
-    assert router.choose("chat/completions", False, None, b"not json") == ([a], None)
-    assert router.choose("files", False, None, b"--multipart--") == ([b], None)
-    assert router.choose("models/Qwen/Qwen2", False, None, None) == ([b], "Qwen/Qwen2")
+    metered = router.choose("chat/completions", [], BodyModel("gpt-4o"))
+    assert metered == ([a], "gpt-4o")
+    assert choose("chat/completions", b"not json") == ([a], None)
+    assert choose("files", b"--multipart--") == ([b], None)
+    assert choose("models/Qwen/Qwen2", None) == ([b], "Qwen/Qwen2")

@@ -21,6 +21,7 @@ from edge import errors
 from edge.errors import Headers
 from edge.metrics.registry import NO_PLAN
 from edge.proxy.admission import Decision, rate_limit_headers
+from edge.proxy.policy import BodyModel, body_model
 from edge.transport.link import CLIENT, ClientLink
 
 if TYPE_CHECKING:
@@ -86,13 +87,13 @@ class AccessNote:
 
 class Exchange:
     __slots__ = (
-        "body_problem",
         "client_gone",
         "decision",
         "early_body",
         "finished",
         "kid",
         "link",
+        "model_read",
         "note",
         "outcome",
         "plan",
@@ -129,7 +130,7 @@ class Exchange:
         self.client_gone = False
         self.too_large = False
         self.early_body: bytes | None = None  # read whole before admission (model scopes)
-        self.body_problem: errors.EdgeError | None = None  # why its model cannot be used
+        self.model_read: BodyModel | None = None  # the body's `model`, parsed once (`model`)
         self.spooled_length: int | None = None  # a chunked body's size, once spooled
         self.request_id: bytes | None = None  # once an error or the access log needs it
         self.trace: RequestTrace | None = None  # its spans, when tracing is on
@@ -144,6 +145,15 @@ class Exchange:
     @property
     def method(self) -> str:
         return str(self.scope["method"])
+
+    def model(self, body: bytes) -> BodyModel:
+        """The body's `model` (`body` is this request's, read whole): parsed the first time it
+        is asked for (admission of a scoped key, routing, a 403's wording), kept after."""
+        if self.model_read is None:
+            self.model_read = body_model(body)
+            if self.note is not None:
+                self.note.model = self.model_read.model
+        return self.model_read
 
     def admitted(self, decision: Decision, plan: str) -> None:
         self.decision, self.plan, self.outcome = decision, plan, "allowed"

@@ -57,10 +57,10 @@ from edge.proxy.policy import (
     ALLOW,
     API_PREFIX,
     FORWARDED_METHODS,
+    BodyModel,
     Inbound,
     TargetPolicy,
     TrustedProxies,
-    body_model,
     forwarded_headers,
     inbound_headers,
     upstream_target,
@@ -103,6 +103,7 @@ METHOD_REFUSED = errors.MethodNotAllowed(
 )
 SHORT_REPLIES = (Code.UNKNOWN, Code.REVOKED, Code.EXPIRED, Code.PAUSED, Code.PLAN_MISSING)
 NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS"})  # bodyless: no Content-Length: 0
+NO_TARGETS: list[Target] = []  # one upstream: no `routes` rule claims a request (never changed)
 
 
 class Proxy:
@@ -277,16 +278,11 @@ class Proxy:
         body = await ex.read_body(self.policy.max_body, framed)
         if not body and ex.method in BODYLESS:
             return NO_BODY
-        read = body_model(body)
-        if ex.note is not None:
-            ex.note.model = read.model
-        if read.problem is not None:  # the answer if the key turns out to have model scopes
-            ex.body_problem = errors.BadRequest(read.problem, code=read.code, param="model")
-        return model_state(read.model)
+        return model_state(ex.model(body).model)
 
     async def _reject(self, rt: Resources, ex: Exchange, d: Decision, kid: str, route: str) -> None:
-        model = body_model(ex.early_body).model if ex.early_body else None
-        answer = rejection(d, route, model)
+        read = ex.model_read
+        answer = rejection(d, route, read.model if read is not None else None)
         ex.plan = rt.metrics.label(d.plan) if answer.known else NO_PLAN
         if ex.note is not None and answer.known:
             ex.note.plan = d.plan
@@ -295,8 +291,9 @@ class Proxy:
                 "plan-missing", "key %s has plan %r, which is not configured", kid, d.plan
             )
         error = answer.error
-        if d.code == Code.MODEL_UNREADABLE and ex.body_problem is not None:
-            error = ex.body_problem  # what exactly is wrong with the body's model
+        if d.code == Code.MODEL_UNREADABLE and read is not None and read.problem is not None:
+            # what exactly is wrong with the body's model
+            error = errors.BadRequest(read.problem, code=read.code, param="model")
         await ex.fail(error, answer.outcome, answer.headers)
 
     async def _forward(
@@ -305,6 +302,7 @@ class Proxy:
     ) -> None:  # fmt: skip
         d = ex.decision
         router = live.router
+        claimed = router.claimed(route) if not router.single else NO_TARGETS  # `routes` rules
         meter = None
         headers = inbound.headers
         data: bytes | AsyncIterator[bytes] | None
@@ -318,7 +316,7 @@ class Proxy:
                 data, meter = await self._meter(ex, route, live.inject)
                 headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
             else:
-                if not router.single and ex.method not in BODYLESS and not router.claimed(route):
+                if not router.single and ex.method not in BODYLESS and not claimed:
                     # several upstreams: the body's model says which (read whole, kept)
                     await ex.read_body(self.policy.max_body, inbound.length is not None)
                 data = await ex.request_body(self.policy.max_body, inbound.length is not None)
@@ -334,10 +332,14 @@ class Proxy:
             await ex.fail(unusable, "bad_request")
             return
         if router.single:
-            targets = [router.first]
+            targets = router.targets
         else:
-            model = meter.model if meter is not None else None
-            chosen, model = router.choose(route, meter is not None, model, data)
+            read = None  # the model to route by: as metering read it, or the body's
+            if meter is not None:
+                read = BodyModel(meter.model)
+            elif isinstance(data, bytes):
+                read = ex.model(data)
+            chosen, model = router.choose(route, claimed, read)
             if ex.note is not None and model is not None:
                 ex.note.model = model
             if isinstance(chosen, errors.EdgeError):  # nothing was sent: nothing is charged
@@ -367,20 +369,21 @@ class Proxy:
         sent = perf_counter()
         rt.metrics.admitted.observe(sent - ex.start)
         last = len(targets) - 1
-        if ex.trace is not None:  # the upstream gets edge's traceparent, not the client's
+        trace = ex.trace
+        if trace is not None:  # the upstream gets edge's traceparent, not the client's
             headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
         for attempt, target in enumerate(targets):
             upstream_path = upstream_target(target.base_path, raw_path, query)
             sending = headers + target.provider
             span = None
-            if ex.trace is not None:
-                span, traced = ex.trace.upstream(target.name)
+            if trace is not None:
+                span, traced = trace.upstream(target.name)
                 sending += traced
             try:
                 resp = await target.pool.request(method, upstream_path, sending, data, length)
             except (UpstreamError, ClientGone, BodyTooLarge) as exc:
-                if span is not None and ex.trace is not None:
-                    ex.trace.failed(span, type(exc).__name__)
+                if trace is not None and span is not None:
+                    trace.failed(span, type(exc).__name__)
                     span.end()
                 failed = isinstance(exc, UpstreamError)
                 if failed and not isinstance(exc, PoolFull):  # PoolFull: edge's own limit

@@ -10,12 +10,12 @@ from __future__ import annotations
 import random
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from time import monotonic
 
 from edge import errors
 from edge.proxy.metering import glob_regex
-from edge.proxy.policy import RawHeaders, body_model
+from edge.proxy.policy import BodyModel, RawHeaders
 from edge.transport.upstream.pool import UpstreamPool
 from edge.upstream_settings import RoutingSettings, Upstream
 
@@ -124,20 +124,15 @@ class Router:
         return ordered
 
     def choose(
-        self, route: str, metered: bool, metered_model: str | None,
-        data: bytes | AsyncIterator[bytes] | None,
-    ) -> tuple[list[Target] | errors.EdgeError, str | None]:  # fmt: skip
+        self, route: str, claimed: list[Target], read: BodyModel | None
+    ) -> tuple[list[Target] | errors.EdgeError, str | None]:
         """The upstreams to try in turn for a request (an error when none can take it), and
-        the model it was routed by: a `routes` rule's upstreams, else those serving its model
-        (a metered request's as metering read it, else the body's, else the path's for
-        `models/<id>`); no model: the first one."""
-        claimed = self.claimed(route)
+        the model it was routed by: `claimed` (its route's `routes` rule upstreams), else those
+        serving its model (`read`: the body's, None when no body was read: then the path's
+        for `models/<id>`); no model: the first one."""
         if claimed:
             return self.order(claimed), None
-        if metered:
-            model = metered_model
-        elif isinstance(data, bytes):
-            read = body_model(data)
+        if read is not None:
             if read.problem is not None:  # two `model` fields: which would the upstream read?
                 return errors.BadRequest(read.problem, code=read.code, param="model"), None
             model = read.model

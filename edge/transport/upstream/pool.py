@@ -137,10 +137,6 @@ class UpstreamPool:
             conn.close()
         self._idle.clear()
 
-    @property
-    def busy(self) -> bool:
-        return self._open > len(self._idle) or bool(self._waiters)
-
     async def _acquire(self) -> Connection:
         idle = self._idle
         if idle:
