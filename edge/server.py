@@ -11,6 +11,7 @@ rest of the delay; SIGINT (Ctrl+C) stops without one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -37,6 +38,10 @@ class EdgeServer(uvicorn.Server):
         self.edge = app
         self.drain_delay = drain_delay
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        settle_heap()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM:
             super().handle_exit(sig, frame)
@@ -61,6 +66,16 @@ class EdgeServer(uvicorn.Server):
             self.config.timeout_graceful_shutdown or 0,
         )
         self.should_exit = True
+
+
+def settle_heap() -> None:
+    """Once the app is up: collect what start-up left, then move every object alive now (the
+    modules, settings, scripts, pools: about 400,000 objects) out of the collector's sight
+    (`gc.freeze`). A full collection then walks only what was made since. Measured under
+    short answers (benchmarks/gc_pauses.py): a full collection once a second, which walked
+    the start-up heap for 19-36 ms with the loop stopped, the 32-connection p99."""
+    gc.collect()
+    gc.freeze()
 
 
 def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:

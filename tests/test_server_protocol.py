@@ -174,3 +174,42 @@ async def test_an_answer_that_ends_the_connection_lingers_instead_of_resetting()
     protocol.data_received(b"GET /v1/b HTTP/1.1\r\nHost: h\r\n\r\n")  # dropped, never parsed
     await settle(30)
     assert len(transport.written) == before and len(app.scopes) == 0
+
+
+@pytest.mark.parametrize("path", ["edge", "asgi"])
+async def test_a_finished_request_is_freed_at_once_not_left_to_the_garbage_collector(
+    path: str,
+) -> None:
+    """scope → link → cycle → scope once made every request cyclic garbage: 8 objects a
+    request, and a full collection (19-36 ms, the loop stopped) once a second under load.
+    Answered through edge's own write path or through ASGI messages, a request's cycle is
+    freed by reference counting as soon as the next one replaces it."""
+    import gc
+    import weakref
+
+    cycles: list[weakref.ref[Any]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        link = scope[CLIENT]
+        cycles.append(weakref.ref(link.cycle))
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+        if path == "edge":
+            link.whole_body()
+            assert link.cycle.answer(200, headers, b"ok")
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport = await connect(App())
+    protocol.app = app
+    protocol.access_log = False  # as edge runs uvicorn (its own write path needs it)
+    gc.disable()
+    try:
+        for _ in range(5):
+            protocol.data_received(b"POST /v1/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+            await settle()
+        assert statuses(transport.written) == [200] * 5
+        assert [ref() is None for ref in cycles[:4]] == [True] * 4
+    finally:
+        gc.enable()

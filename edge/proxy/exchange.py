@@ -111,12 +111,16 @@ class Exchange:
         "trace",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
         self.start = perf_counter()
-        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        # with the loop given: without it, current_task() asks for the running loop, which
+        # costs a getpid() system call (CPython 3.11), once per request
+        self.task: asyncio.Task[Any] | None = asyncio.current_task(loop)
         self.link: ClientLink | None = scope.get(CLIENT)
         self.plan = NO_PLAN  # the metrics label
         self.outcome: str | None = None  # edge_requests_total's outcome, counted at the end

@@ -116,6 +116,7 @@ class Proxy:
 
     def bind(self, rt: Resources) -> None:
         self.rt = rt
+        self._loop = asyncio.get_running_loop()
         self.policy = TargetPolicy(rt.settings.keys.prefix, rt.settings.server.max_body_bytes)
         redis = rt.settings.redis
         self._fail_open = (
@@ -153,7 +154,7 @@ class Proxy:
         if rt is None:
             await errors.send_error(send, STARTING)
             return
-        ex = Exchange(scope, receive, send)
+        ex = Exchange(scope, receive, send, self._loop)
         if self._access is not None:
             ex.note = AccessNote()
         if self._tracing is not None:

@@ -88,6 +88,15 @@ class Limits:
         )
 
 
+def unlink(link: ClientLink) -> None:
+    """Take a request's link out of its scope once its answer is whole (the proxy took it at
+    the start): scope → link → cycle → scope is a reference cycle, which left every request's
+    cycle, scope and link (and uvicorn's Event) to the garbage collector instead of freeing
+    them when the request ended. Measured (benchmarks/gc_pauses.py): 8 objects a request in
+    cycles, a generation-2 collection 1.6 times a second at 9,500 req/s, 19-25 ms each."""
+    link.cycle.scope.pop(CLIENT, None)  # type: ignore[attr-defined]
+
+
 def protocol_class(limits: Limits) -> type[EdgeHttpToolsProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits."""
     return type("EdgeHttpToolsProtocol", (EdgeHttpToolsProtocol,), {"limits": limits})
@@ -128,6 +137,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         links, self._links = self._links, []
         for link in links:
+            unlink(link)
             if not link.cycle.response_complete:
                 link.gone = True
                 if link.on_gone is not None:
@@ -219,10 +229,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             cycle.__class__ = EdgeCycle
             link = ClientLink(cast(EdgeCycle, cycle), self)
             cast(dict[str, Any], cycle.scope)[CLIENT] = link
-            links = self._links
-            if links and links[0].cycle.response_complete:
-                links = self._links = [k for k in links if not k.cycle.response_complete]
-            links.append(link)
+            self._links.append(link)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
@@ -259,6 +266,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         it notes when the connection went idle; `_check_head` closes it after
         `keepalive_timeout` seconds (uvicorn's `timeout_keep_alive`) of that."""
         self.server_state.total_requests += 1
+        links = self._links
+        if links and links[0].cycle.response_complete:
+            for link in links:
+                if link.cycle.response_complete:
+                    unlink(link)
+            self._links = [k for k in links if not k.cycle.response_complete]
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
