@@ -2,12 +2,12 @@
 versions, so an upgrade that moves one fails here, by name, instead of in production.
 
 uvicorn: `transport/protocol.py` subclasses `uvicorn.protocols.http.httptools_impl`'s
-`HttpToolsProtocol` (overriding its parser callbacks and calling its private
-`_start_asgi_task`), and `transport/cycle.py` subclasses `RequestResponseCycle`, reading and
-writing its fields, with three methods that copy parts of uvicorn's own (`send`,
-`receive`, `on_response_complete`). redis-py: `redis_urls.py` uses `parse_url` and
-`RedisSSLContext` from `redis.asyncio.connection`. pyproject bounds both packages at both ends
-to the versions these tests last passed on.
+`HttpToolsProtocol` (overriding its parser callbacks, four of them copied inline, and calling
+its private `_start_asgi_task`), and `transport/cycle.py` subclasses `RequestResponseCycle`,
+reading and writing its fields; seven methods copy uvicorn's own, whole or in part (`send`,
+`receive`, `on_response_complete`, and the four parser callbacks). redis-py: `redis_urls.py`
+uses `parse_url` and `RedisSSLContext` from `redis.asyncio.connection`. pyproject bounds both
+packages at both ends to the versions these tests last passed on.
 
 When a fingerprint fails: read the new uvicorn method beside edge's copy, carry the change
 over (or confirm none is needed), then record the new fingerprint here.
@@ -44,6 +44,22 @@ COPIED = {
         "64e254f28e389e7614f2c828176d639174e66aa9d814a4b06624ec86ec0a5b95",
         "EdgeHttpToolsProtocol.on_response_complete replaces it (no keep-alive timer per answer)",
     ),
+    "HttpToolsProtocol.on_message_begin": (
+        "96d377fdc7c2baef943c2bd245003abc53566ddb35777e0f4c7bc754198b5457",
+        "EdgeHttpToolsProtocol.on_message_begin makes the scope as it does",
+    ),
+    "HttpToolsProtocol.on_headers_complete": (
+        "1ea8589acfad92d8ff9182775f337d98fc469e0fa39642a83195fca920f5ca96",
+        "EdgeHttpToolsProtocol._start_request does what it does, making an EdgeCycle",
+    ),
+    "HttpToolsProtocol.on_body": (
+        "dba9c32aeba35b6ae10722f86232d44d93fda42d97711244eeaa51c0a1f3e1c9",
+        "EdgeHttpToolsProtocol.on_body does what it does, inline",
+    ),
+    "HttpToolsProtocol.on_message_complete": (
+        "1fbad42dc31fc01fd4106a9885b2a2e0f6ce8d38241a3df0f615c6a8663493e0",
+        "EdgeHttpToolsProtocol.on_message_complete does what it does, inline",
+    ),
 }
 # Methods edge overrides and calls back into (by super() or by name), with their parameters.
 CALLED = {
@@ -52,13 +68,10 @@ CALLED = {
     "HttpToolsProtocol.connection_lost": ["self", "exc"],
     "HttpToolsProtocol.data_received": ["self", "data"],
     "HttpToolsProtocol.resume_writing": ["self"],
-    "HttpToolsProtocol.on_message_begin": ["self"],
     "HttpToolsProtocol.on_header": ["self", "name", "value"],
-    "HttpToolsProtocol.on_headers_complete": ["self"],
-    "HttpToolsProtocol.on_body": ["self", "body"],
-    "HttpToolsProtocol.on_message_complete": ["self"],
     "HttpToolsProtocol.send_400_response": ["self", "msg"],
     "HttpToolsProtocol._start_asgi_task": ["self", "cycle", "app"],
+    "HttpToolsProtocol._should_upgrade": ["self"],
     "RequestResponseCycle.__init__": [
         "self",
         "scope",
@@ -84,7 +97,9 @@ CYCLE_FIELDS = [
 # Fields of the protocol that edge reads or writes.
 PROTOCOL_FIELDS = [
     "transport", "loop", "flow", "cycle", "pipeline", "headers", "url", "connections",
-    "server_state", "timeout_keep_alive", "parser", "scope", "tasks",
+    "server_state", "timeout_keep_alive", "parser", "scope", "tasks", "expect_100_continue",
+    "app", "app_state", "asgi_version", "root_path", "server", "client", "scheme",
+    "limit_concurrency", "logger", "access_logger", "access_log",
 ]  # fmt: skip
 
 

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from edge import errors
 from edge.errors import HeadersTooLarge, RequestTimeout
@@ -202,7 +201,20 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         measured as its bytes arrive (`_head_fits`); any other is measured field by field."""
         self._unmeasured = not self._fresh_read
         self._fresh_read = False
-        HttpToolsProtocol.on_message_begin(self)
+        self.url = b""  # uvicorn's on_message_begin, inline
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -222,14 +234,61 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             if size > self.limits.max_header_bytes:
                 self._refuse_head(self._too_large())
                 return
-        super().on_headers_complete()
+        self._start_request()
         self.headers = []  # uvicorn appends trailer fields here: apart from the scope's
-        cycle = self.cycle
-        if type(cycle) is RequestResponseCycle:  # a new one (not the upgrade path)
-            cycle.__class__ = EdgeCycle
-            link = ClientLink(cast(EdgeCycle, cycle), self)
-            cast(dict[str, Any], cycle.scope)[CLIENT] = link
-            self._links.append(link)
+
+    def _start_request(self) -> None:
+        """uvicorn's `on_headers_complete` (httptools_impl.py, uvicorn 0.54), making an
+        `EdgeCycle` with its `ClientLink` in the scope at once, instead of a plain cycle that
+        edge then re-classes: the request's scope and cycle, then its task (or its place in
+        the pipeline). Per request, this and uvicorn's other callbacks were most of the
+        15 µs the server protocol spent on a request before the app ran."""
+        parser = self.parser
+        scope = self.scope
+        scope["method"] = parser.get_method().decode("ascii")
+        http_version = parser.get_http_version()
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root = self.root_path
+        scope["path"] = root + path if root else path
+        scope["raw_path"] = root.encode("ascii") + raw_path if root else raw_path
+        scope["query_string"] = parsed_url.query or b""
+        app = self.app
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency
+            or len(self.tasks) >= self.limit_concurrency
+        ):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = self.cycle
+        cycle = self.cycle = EdgeCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        link = ClientLink(cycle, self)
+        scope[CLIENT] = link  # type: ignore[literal-required]
+        self._links.append(link)
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:  # pipelined: waits for the answers before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
@@ -238,7 +297,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self.headers and not self._trailers_fit():
             self._refuse(self._trailers_too_large())
             return
-        super().on_message_complete()
+        cycle = self.cycle  # uvicorn's on_message_complete, inline
+        if cycle is None or cycle.response_complete or self._upgrading():
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def _trailers_fit(self) -> bool:
         """Whether the trailer fields received so far (never used: dropped with the request)
@@ -253,8 +316,19 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._framing -= len(body)
-        if not (self._refused or self._dropping):
-            super().on_body(body)
+        if self._refused or self._dropping:
+            return
+        cycle = self.cycle  # uvicorn's on_body, inline
+        if cycle is None or cycle.response_complete or self._upgrading():
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def _upgrading(self) -> bool:
+        """An upgrade request uvicorn hands to its WebSocket protocol (edge serves none)."""
+        return self.parser.should_upgrade() and self._should_upgrade()
 
     def on_chunk_header(self) -> None:
         """Each chunk may bring a little framing; what is beyond it counts against the head's
