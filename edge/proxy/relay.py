@@ -3,7 +3,6 @@ when it is already whole), and naming upstream failures in the client's terms.""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from edge import errors
@@ -125,7 +124,7 @@ class KeepAlive:
         self.resp = resp
         self.cycle = cycle
         self.every = every
-        self.loop = asyncio.get_running_loop()
+        self.loop = resp.loop  # not asyncio.get_running_loop(): a getpid() call per stream
         self.handle = self.loop.call_later(every, self._tick)
 
     def _tick(self) -> None:

@@ -92,6 +92,11 @@ class Response:
         return fut
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the answer arrives on."""
+        return self._loop
+
+    @property
     def has_body(self) -> bool:
         """Whether body bytes have arrived that nobody has taken yet."""
         return bool(self._pieces)
