@@ -11,7 +11,7 @@ import hiredis
 import pytest
 from redis import exceptions as rex
 
-from edge.redis.hot import PipelinedRedis, pack
+from edge.redis.hot import BATCH, PipelinedRedis, pack
 from tests.support.redis_server import RedisServer
 
 
@@ -29,11 +29,13 @@ async def test_concurrent_callers_get_their_own_replies(redis_server: RedisServe
         await client.aclose()
 
 
-async def test_idle_commands_go_out_at_once_and_a_burst_in_one_write(
+async def test_idle_commands_go_out_at_once_and_a_burst_in_batches(
     redis_server: RedisServer,
 ) -> None:
     """Nothing in flight: the command is written before send_packed returns (no loop turn of
-    latency). Many in one loop turn: coalesced, the first alone and the rest in one write."""
+    latency). Many in one loop turn: the first alone, the rest coalesced `BATCH` to a write
+    (Redis starts on the first while the rest are still being made), the last ones at the
+    end of the turn."""
     client = PipelinedRedis(redis_server.url, 2.0)
     try:
         assert await client.execute("PING") == b"PONG"  # connected
@@ -51,10 +53,16 @@ async def test_idle_commands_go_out_at_once_and_a_burst_in_one_write(
         assert writes == [pack(("ECHO", "now"))]  # already on its way
         assert await reply == b"now"
         writes.clear()
-        replies = [client.send_packed(pack(("ECHO", f"b{i}"))) for i in range(100)]
-        assert len(writes) == 1  # the first; the other 99 wait for the end of this turn
-        assert await asyncio.gather(*replies) == [f"b{i}".encode() for i in range(100)]
-        assert len(writes) == 2
+        replies = [client.send_packed(pack(("ECHO", f"b{i}"))) for i in range(1 + 2 * BATCH + 1)]
+        first = [pack(("ECHO", "b0"))]
+        batches = [
+            b"".join(pack(("ECHO", f"b{i}")) for i in range(start, start + BATCH))
+            for start in (1, 1 + BATCH)
+        ]
+        assert writes == first + batches  # the last one waits for the end of this turn
+        expected = [f"b{i}".encode() for i in range(len(replies))]
+        assert await asyncio.gather(*replies) == expected
+        assert writes == [*first, *batches, pack(("ECHO", f"b{len(replies) - 1}"))]
     finally:
         await client.aclose()
 
