@@ -141,6 +141,7 @@ def _row(
             row[f"{kind}_{name}"] = med(kind, name, runs)
             if target.name != "direct":
                 row[f"added_{kind}_{name}"] = med(kind, name, runs) - med(kind, name, direct)
+    row["ttfb_p99_ms_worst"] = max(r["ttfb"].get("p99_ms", 0.0) for r in runs)  # of the reps
     if "cpu_us_per_chunk" in runs[0]:
         row["cpu_us_per_chunk"] = statistics.median(r["cpu_us_per_chunk"] for r in runs)
         row["rss_mb"] = max(r["rss_mb"] for r in runs)
