@@ -86,6 +86,8 @@ func serveStream(w http.ResponseWriter, r *http.Request) {
 func upstream(args []string) {
 	fs := flag.NewFlagSet("upstream", flag.ExitOnError)
 	addr := fs.String("addr", "127.0.0.1:0", "listen address (loopback)")
+	cert := fs.String("tls-cert", "", "serve https with this certificate (PEM; with -tls-key)")
+	key := fs.String("tls-key", "", "the certificate's private key (PEM)")
 	fs.Parse(args)
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
@@ -95,6 +97,10 @@ func upstream(args []string) {
 	fmt.Println(ln.Addr().(*net.TCPAddr).Port)
 	os.Stdout.Sync()
 	srv := &http.Server{Handler: http.HandlerFunc(serveStream)}
+	if *cert != "" {
+		srv.ServeTLS(ln, *cert, *key)
+		return
+	}
 	srv.Serve(ln)
 }
 

@@ -1,0 +1,121 @@
+"""A burst of new streams against an https upstream: what the TLS handshakes of a cold pool
+cost, for edge and for nginx, beside the same burst over plain http.
+
+    .venv/bin/python -m benchmarks.tls_burst [--streams 200] [--within-ms 100] [--bursts 3]
+
+Real providers are https; `make bench` measures a plain-http upstream on loopback. Here the
+compiled SSE upstream (benchmarks/go/ssebench) serves https with a private CA made for the
+run (tests/support/tls.py), and each proxy starts with an empty pool (edge: a fresh process;
+nginx: `proxy_pass https://` with its default session reuse), takes one stream (code paths
+warm, one pooled connection), then `--bursts` bursts in a row, each `--streams` streams
+opened within `--within-ms`, 10 chunks 20 ms apart. The first burst opens about one upstream
+connection per stream; the later ones find them pooled. Per burst: time to first event
+p50 / p99 and the proxy's CPU per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.capacity import GoUpstream, build, streams
+from benchmarks.fleet import Fleet, Target
+from tests.support.edge_process import EdgeProcess, edge_env
+from tests.support.nginx import HEAD, PROXY, Nginx
+from tests.support.ports import wait_port
+from tests.support.tls import Certs, make_certs
+
+
+class TlsGoUpstream(GoUpstream):
+    """`ssebench upstream` serving https with the run's server certificate."""
+
+    def __init__(self, binary: Path, certs: Certs) -> None:
+        super().__init__(binary)
+        self.certs = certs
+
+    def start(self) -> TlsGoUpstream:
+        self.proc = subprocess.Popen(
+            [
+                str(self.binary), "upstream", "-addr", f"127.0.0.1:{self.port}",
+                "-tls-cert", str(self.certs.server_cert), "-tls-key", str(self.certs.server_key),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # Go logs each handshake a client abandons
+        )  # fmt: skip
+        wait_port(self.port)
+        return self
+
+
+class TlsNginx(Nginx):
+    """nginx `proxy_pass https://` to one backend, verifying it against the run's CA."""
+
+    def __init__(self, directory: Path, backend: int, ca_cert: Path) -> None:
+        super().__init__(directory, [backend])
+        self.ca_cert = ca_cert
+
+    def config(self) -> str:
+        servers = f"    server 127.0.0.1:{self.backends[0]};"
+        conf = HEAD.format(dir=self.dir) + PROXY.format(servers=servers, port=self.port)
+        tls = (
+            f"proxy_pass https://edge; proxy_ssl_trusted_certificate {self.ca_cert}; "
+            "proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_server_name on;"
+        )
+        return conf.replace("proxy_pass http://edge;", tls)
+
+
+def bursts(binary: Path, target: Target, args: argparse.Namespace) -> str:
+    streams(binary, target, 1, 10, 3)  # code paths warm, one pooled connection
+    shown = []
+    for _ in range(args.bursts):
+        r = streams(binary, target, args.streams, args.within_ms, 10)
+        shown.append(
+            f"TTFB p50 {r['ttfb']['p50_ms']:6.1f} p99 {r['ttfb']['p99_ms']:6.1f} ms, "
+            f"{r.get('cpu_us_per_chunk', 0):4.0f} µs/chunk"
+            + (f", {r['failed_streams']} failed" if r["failed_streams"] else "")
+        )
+    return " | ".join(shown)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--within-ms", type=int, default=100)
+    parser.add_argument("--bursts", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edge-tls-") as name, Fleet(Path(name)) as fleet:
+        tmp = Path(name)
+        certs = make_certs(tmp / "certs")
+        binary = build(tmp)
+        plain = GoUpstream(binary).start()
+        fleet.callback(plain.stop)
+        tls = TlsGoUpstream(binary, certs).start()
+        fleet.callback(tls.stop)
+        print(f"{args.bursts} bursts of {args.streams} streams within {args.within_ms} ms:")
+        for scheme, port in (("http", plain.port), ("https", tls.port)):
+            nginx: Nginx = (
+                TlsNginx(tmp / f"nginx-{scheme}", port, certs.ca_cert)
+                if scheme == "https"
+                else Nginx(tmp / f"nginx-{scheme}", [port])
+            ).start()
+            target = Target("nginx", "nginx", nginx.port, nginx.pid)
+            print(f"  nginx, {scheme} upstream: {bursts(binary, target, args)}", flush=True)
+            nginx.stop()
+            host = "localhost" if scheme == "https" else "127.0.0.1"
+            extra = {"EDGE_UPSTREAM_CA_FILE": str(certs.ca_cert)} if scheme == "https" else {}
+            env = edge_env(
+                fleet.redis.url, f"{scheme}://{host}:{port}/v1", EDGE_LOG_LEVEL="warning", **extra
+            )
+            edge = EdgeProcess(tmp, env, f"edge-{scheme}").start()
+            target = Target("edge", "edge", edge.port, edge.pid, key=fleet.key, edge=True)
+            print(
+                f"  edge (1 worker), {scheme} upstream: {bursts(binary, target, args)}", flush=True
+            )
+            edge.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
