@@ -6,8 +6,9 @@ cost, for edge and for nginx, beside the same burst over plain http.
 Real providers are https; `make bench` measures a plain-http upstream on loopback. Here the
 compiled SSE upstream (benchmarks/go/ssebench) serves https with a private CA made for the
 run (tests/support/tls.py), and each proxy starts with an empty pool (edge: a fresh process;
-nginx: `proxy_pass https://` with its default session reuse), takes one stream (code paths
-warm, one pooled connection), then `--bursts` bursts in a row, each `--streams` streams
+nginx: `proxy_pass https://` with its default session reuse) or, for edge with
+`upstream.min_connections`, with that many opened at start-up; takes one stream (code paths
+warm), then `--bursts` bursts in a row, each `--streams` streams
 opened within `--within-ms`, 10 chunks 20 ms apart. The first burst opens about one upstream
 connection per stream; the later ones find them pooled. Per burst: time to first event
 p50 / p99 and the proxy's CPU per chunk.
@@ -84,6 +85,12 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--within-ms", type=int, default=100)
     parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument(
+        "--min-connections",
+        type=int,
+        default=200,
+        help="edge also runs with upstream.min_connections at this (0: only without)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-tls-") as name, Fleet(Path(name)) as fleet:
         tmp = Path(name)
@@ -105,15 +112,19 @@ def main() -> int:
             nginx.stop()
             host = "localhost" if scheme == "https" else "127.0.0.1"
             extra = {"EDGE_UPSTREAM_CA_FILE": str(certs.ca_cert)} if scheme == "https" else {}
-            env = edge_env(
-                fleet.redis.url, f"{scheme}://{host}:{port}/v1", EDGE_LOG_LEVEL="warning", **extra
-            )
-            edge = EdgeProcess(tmp, env, f"edge-{scheme}").start()
-            target = Target("edge", "edge", edge.port, edge.pid, key=fleet.key, edge=True)
-            print(
-                f"  edge (1 worker), {scheme} upstream: {bursts(binary, target, args)}", flush=True
-            )
-            edge.stop()
+            for warm in sorted({0, args.min_connections}):
+                env = edge_env(
+                    fleet.redis.url,
+                    f"{scheme}://{host}:{port}/v1",
+                    EDGE_LOG_LEVEL="warning",
+                    EDGE_UPSTREAM_MIN_CONNECTIONS=str(warm),
+                    **extra,
+                )
+                edge = EdgeProcess(tmp, env, f"edge-{scheme}-{warm}").start()
+                target = Target("edge", "edge", edge.port, edge.pid, key=fleet.key, edge=True)
+                shown = bursts(binary, target, args)
+                print(f"  edge (1 worker, min_connections {warm}), {scheme}: {shown}", flush=True)
+                edge.stop()
     return 0
 
 

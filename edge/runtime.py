@@ -81,6 +81,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         pools = Pools(demo_url)
         stack.push_async_callback(pools.close)
         live = build_live(settings, hot, scripts, metrics, pools, None)
+        await pools.warmed(settings.upstream.connect_timeout)
         settler = Settler(live.limiter, metrics)
         stack.push_async_callback(settler.close)  # before Redis closes: pending settlements
         access = None
@@ -134,9 +135,27 @@ class Pools:
             max_head_bytes=up.max_header_bytes,
             max_head_fields=up.max_headers,
             proxy=proxy,
+            min_connections=up.min_connections,
         )
         self.all.append(pool)
+        pool.warm()  # in the background; open_runtime waits a while for the first ones
         return pool
+
+    async def warmed(self, within: float) -> None:
+        """Wait up to `within` seconds for the pools' warm-ups (`upstream.min_connections`)
+        to finish, so a new instance has its connections before it serves; what is not open
+        by then opens in the background."""
+        running = [task for pool in self.all if (task := pool.warm()) is not None]
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=within)
+        for pool in self.all:
+            if pool.min_connections:
+                log.info(
+                    "upstream %s: %d of %d connections open ahead of demand%s",
+                    pool.origin.host, pool.open_count, pool.min_connections,
+                    " (the rest open in the background)" if late else "",
+                )  # fmt: skip
 
     async def close(self) -> None:
         for pool in self.all:

@@ -265,7 +265,13 @@ class Settings(Section):
                         "max_connections": entry.max_connections or base.max_connections,
                         **{
                             name: getattr(entry, name)
-                            for name in ("ca_file", "cert_file", "key_file", "proxy")
+                            for name in (
+                                "ca_file",
+                                "cert_file",
+                                "key_file",
+                                "proxy",
+                                "min_connections",
+                            )
                             if getattr(entry, name) is not None
                         },
                     }

@@ -37,6 +37,8 @@ class UpstreamSettings(WithUrl):
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 600.0
     max_connections: Count = 1000
+    # kept open ahead of demand, per process (0: none); at most max_connections
+    min_connections: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     # an answer's head beyond either is a bad response (502): memory stays bounded
     max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
@@ -49,6 +51,15 @@ class UpstreamSettings(WithUrl):
     def _tls(self) -> UpstreamSettings:
         if self.ca_file or self.cert_file or self.key_file:
             client_context(self.ca_file, self.cert_file, self.key_file)
+        return self
+
+    @model_validator(mode="after")
+    def _min_connections(self) -> UpstreamSettings:
+        if self.min_connections > self.max_connections:
+            raise ValueError(
+                f"min_connections ({self.min_connections}) is more than max_connections "
+                f"({self.max_connections})"
+            )
         return self
 
 
@@ -68,6 +79,7 @@ class UpstreamEntry(WithUrl):
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
     max_connections: Count | None = None
+    min_connections: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     ca_file: CaBundle | None = None  # None: [upstream]'s
     cert_file: PemFile | None = None
     key_file: PemFile | None = None

@@ -16,6 +16,7 @@ from edge.settings import load_settings
 from tests.support.edge_process import CONFIG
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.keys import new_key
+from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import RedisServer
 
 
@@ -78,3 +79,25 @@ async def test_exception_in_the_control_plane_is_a_json_500(
     assert resp.status_code == 500
     assert resp.json()["error"]["type"] == "server_error"
     assert "kaboom" not in resp.text
+
+
+async def test_min_connections_are_open_before_the_app_serves(redis_server: RedisServer) -> None:
+    """`upstream.min_connections`: a new instance opens them during start-up, so its first
+    burst of streams does not pay a connect (against https, a TLS handshake) per stream."""
+    upstream = RawUpstream().start()
+    try:
+        env = {
+            "EDGE_REDIS_URL": redis_server.url,
+            "EDGE_UPSTREAM_URL": upstream.url,
+            "EDGE_UPSTREAM_MIN_CONNECTIONS": "3",
+        }
+        edge = create_app(load_settings(CONFIG, env))
+        async with edge._lifespan(edge.control):
+            assert upstream.wait_for(lambda: len(upstream.connections) == 3, 2)
+            key, _ = new_key(redis_server.url)
+            async with client(edge) as c:
+                resp = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert resp.status_code == 200
+            assert len(upstream.connections) == 3  # served on one of them: none opened
+    finally:
+        upstream.stop()

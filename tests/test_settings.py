@@ -101,6 +101,10 @@ def test_command_line_overrides_are_validated_too() -> None:
         ({"EDGE_UPSTREAM_URL": "http://h:70000/v1"}, "upstream.url"),
         ({"EDGE_UPSTREAM_URL": "http://h/v1?x=1"}, "query"),
         ({"EDGE_UPSTREAM_ORGANIZATION": "org\r\nX: 1"}, "upstream.organization"),
+        (
+            {"EDGE_UPSTREAM_MIN_CONNECTIONS": "20", "EDGE_UPSTREAM_MAX_CONNECTIONS": "10"},
+            "min_connections (20) is more than max_connections (10)",
+        ),
         ({"EDGE_KEYS_PREFIX": "bad prefix"}, "keys.prefix"),
         ({"EDGE_KEYS_PREFIX": "g"}, "keys.prefix"),
         ({"EDGE_KEYS_PREFIX": "gw"}, "keys.prefix"),

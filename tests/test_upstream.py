@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from edge.transport.upstream import pool as pool_module
 from edge.transport.upstream.connection import Connection
 from edge.transport.upstream.errors import BadResponse, ConnectFailed, Disconnected, PoolFull
 from edge.transport.upstream.pool import UpstreamPool
@@ -195,8 +196,14 @@ class FakePool(UpstreamPool):
     """A pool whose connections are fake transports: `opened` lists them; `refuse` makes the
     next connects fail as a refused connection would."""
 
-    def __init__(self, limit: int = 2, connect_timeout: float = 0.2, read_timeout: float = 5.0):
-        super().__init__("http://up.test/v1", limit, connect_timeout, read_timeout)
+    def __init__(
+        self, limit: int = 2, connect_timeout: float = 0.2, read_timeout: float = 5.0,
+        min_connections: int = 0,
+    ):  # fmt: skip
+        super().__init__(
+            "http://up.test/v1", limit, connect_timeout, read_timeout,
+            min_connections=min_connections,
+        )  # fmt: skip
         self.opened: list[tuple[Connection, FakeTransport]] = []
         self.refuse = 0
 
@@ -322,4 +329,68 @@ async def test_reading_pauses_at_high_water_and_resumes_when_read() -> None:
     assert not resp.paused and transport.reading
     conn.data_received(b"bbbbb")
     assert await resp.read() == b"bbbbb" and resp.done
+    await pool.close()
+
+
+async def test_min_connections_are_opened_ahead_of_demand_and_used() -> None:
+    pool = FakePool(limit=4, min_connections=3)
+    task = pool.warm()
+    assert task is not None
+    await task
+    assert (len(pool.opened), pool.open_count, len(pool._idle)) == (3, 3, 3)
+    assert pool.warm() is None  # enough open: nothing to do
+    request = asyncio.ensure_future(pool.request("GET", b"/v1/models", [], None, None))
+    await answer_on(pool, 2)  # the warmest of the three, not a new connection
+    assert (await request).status == 200
+    assert len(pool.opened) == 3
+    await pool.close()
+
+
+async def test_a_warm_connection_that_closes_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed one (the upstream dropped it, or the sweep retired it) is opened again, one
+    warm-up gap later, never in a tight loop."""
+    monkeypatch.setattr(pool_module, "WARM_GAP", 0.05)
+    pool = FakePool(limit=4, min_connections=2)
+    await asyncio.wait_for(pool.warm(), 1)  # type: ignore[arg-type]
+    pool.opened[0][1].close()
+    await settle()
+    assert pool.open_count == 1 and len(pool.opened) == 2  # not yet: within the gap
+    await asyncio.sleep(0.1)
+    assert pool.open_count == 2 and len(pool.opened) == 3
+    await pool.close()
+
+
+async def test_warming_backs_off_after_a_failed_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "WARM_BACKOFF", (0.05, 0.1))
+    monkeypatch.setattr(pool_module, "WARM_GAP", 0.0)
+    pool = FakePool(limit=4, min_connections=2)
+    pool.refuse = 2
+    await asyncio.wait_for(pool.warm(), 1)  # type: ignore[arg-type]
+    assert pool.open_count == 0 and pool.opened == []  # both slots given back
+    task = pool.warm()  # waits out the back-off first
+    assert task is not None
+    await settle()
+    assert pool.opened == []
+    await asyncio.wait_for(task, 1)
+    assert pool.open_count == 2 and len(pool.opened) == 2
+    await pool.close()
+
+
+async def test_a_closed_or_retired_pool_warms_nothing() -> None:
+    pool = FakePool(limit=4, min_connections=2)
+    pool.retire()
+    assert pool.warm() is None
+    closed = FakePool(limit=4, min_connections=2)
+    task = closed.warm()
+    await closed.close()  # cancels the warm-up under way
+    assert task is not None
+    await asyncio.sleep(0)
+    assert task.cancelled()
+    assert closed.warm() is None
+
+
+async def test_min_connections_never_exceed_the_pool_limit() -> None:
+    pool = FakePool(limit=2, min_connections=5)
+    await asyncio.wait_for(pool.warm(), 1)  # type: ignore[arg-type]
+    assert pool.open_count == 2 and len(pool.opened) == 2
     await pool.close()

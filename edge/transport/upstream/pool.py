@@ -1,12 +1,14 @@
 """The pool of keep-alive connections to the one upstream origin: at most `limit` open (or
 opening) at a time, the warmest reused first, a request waiting at most `connect_timeout` for a
-connection, the one idempotent retry on a reused connection found closed.
+connection, the one idempotent retry on a reused connection found closed; and, with
+`min_connections`, that many kept open ahead of demand (`warm`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections import deque
 from urllib.parse import urlsplit
@@ -18,6 +20,11 @@ from edge.transport.upstream.response import Response
 
 KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+WARM_AT_ONCE = 8  # connections `warm` opens at the same time
+WARM_BACKOFF = (1.0, 30.0)  # seconds before warming again after a failed connect: first, most
+WARM_GAP = 1.0  # seconds between two warm-ups at least (an upstream that closes what it accepts)
+
+log = logging.getLogger("edge.upstream")
 
 
 class Origin:
@@ -47,6 +54,7 @@ class UpstreamPool:
         max_head_bytes: int = 64 * 1024,
         max_head_fields: int = 100,
         proxy: str | None = None,
+        min_connections: int = 0,
     ) -> None:
         self.origin = Origin(url)
         self.proxy = Proxy.of(proxy) if proxy else None
@@ -72,6 +80,10 @@ class UpstreamPool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self._retired = False
+        self.min_connections = min(min_connections, limit)
+        self._warming: asyncio.Task[None] | None = None
+        self._warm_after = 0.0  # loop time: no warming before (back-off after a failure)
+        self._backoff = 0.0
 
     def head(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], length: int | None
@@ -117,8 +129,69 @@ class UpstreamPool:
                     raise
         raise AssertionError("unreachable")
 
+    @property
+    def open_count(self) -> int:
+        """Connections open or being opened."""
+        return self._open
+
+    def warm(self) -> asyncio.Task[None] | None:
+        """Open connections in the background until `min_connections` are open (idle or in
+        use), WARM_AT_ONCE at a time: a burst of new streams then finds them ready instead
+        of each paying a connect (and against https a TLS handshake, about 0.85 ms of CPU:
+        benchmarks/tls_burst.py). Called at start-up (awaited for a while, see runtime.py),
+        when a connection closes, and after each sweep of idle ones, which closes those idle
+        longer than KEEPALIVE as before (the upstream may drop a connection idle that long),
+        so those kept are refreshed rather than kept stale. After a failed connect, warming
+        waits (1 s, doubling up to 30 s), and two warm-ups are WARM_GAP apart at least.
+        Returns the running warm-up, if any."""
+        if (
+            self._warming is None
+            and self._open < self.min_connections
+            and not (self._closed or self._retired)
+        ):
+            self._warming = self.loop.create_task(self._warm())
+        return self._warming
+
+    async def _warm(self) -> None:
+        try:
+            wait = self._warm_after - self.loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            while not (self._closed or self._retired):
+                need = min(self.min_connections - self._open, WARM_AT_ONCE)
+                if need <= 0:
+                    return
+                self._open += need
+                opened = await asyncio.gather(
+                    *(self._connect() for _ in range(need)), return_exceptions=True
+                )
+                failed = [r for r in opened if not isinstance(r, Connection)]
+                for conn in opened:
+                    if isinstance(conn, Connection):
+                        self.release(conn)  # to a waiting request, or idle
+                for _ in failed:
+                    self._open -= 1
+                    self._hand_on(None)
+                if failed:
+                    first, most = WARM_BACKOFF
+                    self._backoff = min(max(self._backoff * 2, first), most)
+                    self._warm_after = self.loop.time() + self._backoff
+                    log.warning(
+                        "upstream %s: could not open a connection ahead of demand (%s); "
+                        "trying again in %g s",
+                        self.origin.host, failed[0], self._backoff,
+                    )  # fmt: skip
+                    return
+                self._backoff = 0.0
+        finally:
+            self._warming = None
+            self._warm_after = max(self._warm_after, self.loop.time() + WARM_GAP)
+
     async def close(self) -> None:
         self._closed = True
+        if self._warming is not None:
+            self._warming.cancel()
+            self._warming = None
         if self._sweep is not None:
             self._sweep.cancel()
         for conn in self._idle:
@@ -132,7 +205,7 @@ class UpstreamPool:
     def retire(self) -> None:
         """A reload replaced this pool: the requests using it (streams included) finish on
         it, but no connection is kept idle any more; `close()` at shutdown still applies."""
-        self._retired = True
+        self._retired = True  # a warm-up under way stops after its round (release closes)
         for conn in self._idle:
             conn.close()
         self._idle.clear()
@@ -260,14 +333,15 @@ class UpstreamPool:
         self._open -= 1
         if conn in self._idle:
             self._idle.remove(conn)
-        if not self._closed:
-            self._hand_on(None)
+        handed = not self._closed and self._hand_on(None)
+        if not handed and self._open < self.min_connections:
+            self.warm()  # (closed or retired: it does nothing)
 
     def _sweep_idle(self) -> None:
         """Close connections idle longer than KEEPALIVE (the upstream may drop them anyway)."""
         self._sweep = None
         expired = self.loop.time() - KEEPALIVE
         for conn in [c for c in self._idle if c.idle_since <= expired]:
-            conn.close()  # connection_lost removes it from the stack
+            conn.close()  # connection_lost removes it from the stack (and warms again)
         if self._idle and not self._closed:
             self._sweep = self.loop.call_later(KEEPALIVE / 2, self._sweep_idle)
