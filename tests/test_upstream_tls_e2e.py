@@ -313,3 +313,38 @@ def test_unusable_tls_files_stop_edge_at_start(
         assert len(line.splitlines()) == 1, (label, err)
         for needle in needles:
             assert re.search(needle, line), (label, needle, line)
+
+
+def test_a_new_upstream_connection_resumes_an_earlier_tls_session(certs: Certs) -> None:
+    """In process, on memory BIOs (no socket): once a connection's session is remembered, the
+    next connection to the same host resumes it (OpenSSL 3.0: about 200 µs of client CPU
+    instead of 500); a host it was not remembered for gets a full handshake."""
+    import contextlib
+    import ssl
+
+    from edge.tls_files import client_context
+
+    client = client_context(str(certs.ca_cert))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+
+    def connect(host: str) -> ssl.SSLObject:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        tls = client.wrap_bio(c_in, c_out, server_hostname=host)  # as uvloop calls it
+        peer = server.wrap_bio(s_in, s_out, server_side=True)
+        for _ in range(10):  # the handshake, then a byte of data (and the session ticket)
+            for side in (tls, peer):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        peer.write(b"x")
+        c_in.write(s_out.read())
+        assert tls.read(1) == b"x"
+        return tls
+
+    first = connect("localhost")
+    assert not first.session_reused
+    client.remember("localhost", first)  # what the pool does on a connection's first answer
+    assert connect("localhost").session_reused
+    assert not connect("127.0.0.1").session_reused

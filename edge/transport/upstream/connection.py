@@ -32,6 +32,9 @@ class Owner(Protocol):
     def forget(self, conn: Connection) -> None:
         """A connection closed: its slot is free."""
 
+    def first_answer(self, conn: Connection) -> None:
+        """A connection's first answer is whole (before its `release`)."""
+
 
 def head_size(headers: list[tuple[bytes, bytes]]) -> int:
     """A head's header fields in bytes, as sent (name, ": ", value, CRLF)."""
@@ -267,6 +270,8 @@ class Connection(asyncio.Protocol):
         resp.complete()
         self.response = None
         if self.reusable and self.sent_whole and not self.closed and not self.uploading:
+            if not self.reused:
+                self.pool.first_answer(self)
             self.reused = True
             self.pool.release(self)
         else:
