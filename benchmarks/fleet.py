@@ -103,10 +103,12 @@ class Fleet(contextlib.ExitStack):
     def direct(self) -> Target:
         return Target("direct", "upstream, direct", self.static.port, self.static.pid)
 
-    def nginx(self, upstream_port: int, name: str = "nginx") -> Target:
-        proxy = Nginx(self.dir / f"{name}-{upstream_port}", [upstream_port]).start()
+    def nginx(self, upstream_port: int, name: str = "nginx", ca_cert: Path | None = None) -> Target:
+        """nginx in front of the upstream; `ca_cert`: an https upstream (localhost's cert)."""
+        proxy = Nginx(self.dir / f"{name}-{upstream_port}", [upstream_port], ca_cert).start()
         self.callback(proxy.stop)
-        return Target(name, "nginx proxy_pass (keepalive pool)", proxy.port, proxy.pid)
+        label = "nginx proxy_pass (keepalive pool)" + (", https upstream" if ca_cert else "")
+        return Target(name, label, proxy.port, proxy.pid)
 
     def edge(
         self,
@@ -116,11 +118,15 @@ class Fleet(contextlib.ExitStack):
         access_log: bool = False,
         routed: bool = False,
         traced: bool = False,
+        ca_cert: Path | None = None,
     ) -> Target:
         """An edge process; `access_log`: with `log.access` on (its lines go to the log file,
         as they would to a collector's pipe); `routed`: two `[[upstreams]]` (both this
-        upstream) serving the model, so every request is routed by its body's model."""
+        upstream) serving the model, so every request is routed by its body's model;
+        `ca_cert`: the upstream is https (localhost's certificate, signed by `ca_cert`)."""
         url = f"http://127.0.0.1:{upstream_port}/v1"
+        if ca_cert is not None:
+            url = f"https://localhost:{upstream_port}/v1"
         env = edge_env(
             self.redis.url,
             url,
@@ -129,6 +135,8 @@ class Fleet(contextlib.ExitStack):
         )
         if traced:
             env["EDGE_TRACING_OTLP_ENDPOINT"] = self.otlp_sink()
+        if ca_cert is not None:
+            env["EDGE_UPSTREAM_CA_FILE"] = str(ca_cert)
         if routed:
             del env["EDGE_UPSTREAM_URL"], env["EDGE_UPSTREAM_API_KEY"]
             env["EDGE_UPSTREAMS"] = json.dumps(
@@ -143,6 +151,7 @@ class Fleet(contextlib.ExitStack):
             + ("-access" if access_log else "")
             + ("-routed" if routed else "")
             + ("-traced" if traced else "")
+            + ("-https" if ca_cert else "")
         )
         proc = EdgeProcess(self.dir, env, name, args, wrapper).start(timeout=300 if wrapper else 60)
         self.callback(proc.stop)
@@ -151,7 +160,8 @@ class Fleet(contextlib.ExitStack):
             f"edge, {workers} worker{'s' if workers > 1 else ''}"
             + (", access log on" if access_log else "")
             + (", 2 upstreams routed by model" if routed else "")
-            + (", tracing on (OTLP)" if traced else ""),
+            + (", tracing on (OTLP)" if traced else "")
+            + (", https upstream" if ca_cert else ""),
             proc.port,
             proc.pid,
             key=self.key,

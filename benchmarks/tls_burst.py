@@ -17,54 +17,15 @@ p50 / p99 and the proxy's CPU per chunk.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.capacity import GoUpstream, build, streams
+from benchmarks.capacity import GoUpstream, TlsGoUpstream, build, streams
 from benchmarks.fleet import Fleet, Target
 from tests.support.edge_process import EdgeProcess, edge_env
-from tests.support.nginx import HEAD, PROXY, Nginx
-from tests.support.ports import wait_port
-from tests.support.tls import Certs, make_certs
-
-
-class TlsGoUpstream(GoUpstream):
-    """`ssebench upstream` serving https with the run's server certificate."""
-
-    def __init__(self, binary: Path, certs: Certs) -> None:
-        super().__init__(binary)
-        self.certs = certs
-
-    def start(self) -> TlsGoUpstream:
-        self.proc = subprocess.Popen(
-            [
-                str(self.binary), "upstream", "-addr", f"127.0.0.1:{self.port}",
-                "-tls-cert", str(self.certs.server_cert), "-tls-key", str(self.certs.server_key),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,  # Go logs each handshake a client abandons
-        )  # fmt: skip
-        wait_port(self.port)
-        return self
-
-
-class TlsNginx(Nginx):
-    """nginx `proxy_pass https://` to one backend, verifying it against the run's CA."""
-
-    def __init__(self, directory: Path, backend: int, ca_cert: Path) -> None:
-        super().__init__(directory, [backend])
-        self.ca_cert = ca_cert
-
-    def config(self) -> str:
-        servers = f"    server 127.0.0.1:{self.backends[0]};"
-        conf = HEAD.format(dir=self.dir) + PROXY.format(servers=servers, port=self.port)
-        tls = (
-            f"proxy_pass https://edge; proxy_ssl_trusted_certificate {self.ca_cert}; "
-            "proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_server_name on;"
-        )
-        return conf.replace("proxy_pass http://edge;", tls)
+from tests.support.nginx import Nginx
+from tests.support.tls import make_certs
 
 
 def bursts(binary: Path, target: Target, args: argparse.Namespace) -> str:
@@ -102,11 +63,8 @@ def main() -> int:
         fleet.callback(tls.stop)
         print(f"{args.bursts} bursts of {args.streams} streams within {args.within_ms} ms:")
         for scheme, port in (("http", plain.port), ("https", tls.port)):
-            nginx: Nginx = (
-                TlsNginx(tmp / f"nginx-{scheme}", port, certs.ca_cert)
-                if scheme == "https"
-                else Nginx(tmp / f"nginx-{scheme}", [port])
-            ).start()
+            ca_cert = certs.ca_cert if scheme == "https" else None
+            nginx = Nginx(tmp / f"nginx-{scheme}", [port], ca_cert).start()
             target = Target("nginx", "nginx", nginx.port, nginx.pid)
             print(f"  nginx, {scheme} upstream: {bursts(binary, target, args)}", flush=True)
             nginx.stop()

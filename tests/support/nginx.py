@@ -68,16 +68,25 @@ def nginx_binary() -> str:
 
 
 class Nginx(LocalServer):
-    """nginx `proxy_pass` over `backends` (loopback ports)."""
+    """nginx `proxy_pass` over `backends` (loopback ports); with `ca_cert`, to https backends
+    (certificates for localhost, verified against `ca_cert`; nginx reuses TLS sessions)."""
 
-    def __init__(self, directory: Path, backends: list[int]) -> None:
+    def __init__(self, directory: Path, backends: list[int], ca_cert: Path | None = None) -> None:
         super().__init__()
         self.dir = directory
         self.backends = backends
+        self.ca_cert = ca_cert
 
     def config(self) -> str:
         servers = "\n".join(f"    server 127.0.0.1:{p};" for p in self.backends)
-        return HEAD.format(dir=self.dir) + PROXY.format(servers=servers, port=self.port)
+        conf = HEAD.format(dir=self.dir) + PROXY.format(servers=servers, port=self.port)
+        if self.ca_cert is None:
+            return conf
+        tls = (
+            f"proxy_pass https://edge; proxy_ssl_trusted_certificate {self.ca_cert}; "
+            "proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_server_name on;"
+        )
+        return conf.replace("proxy_pass http://edge;", tls)
 
     def start(self) -> Nginx:
         binary = nginx_binary()
