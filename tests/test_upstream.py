@@ -376,6 +376,25 @@ async def test_warming_backs_off_after_a_failed_connect(monkeypatch: pytest.Monk
     await pool.close()
 
 
+async def test_warming_tries_again_by_itself_after_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream down at start-up: nothing else would ask for a warm-up (no connection
+    closes, no sweep runs), so the pool asks again itself once the back-off is over."""
+    monkeypatch.setattr(pool_module, "WARM_BACKOFF", (0.05, 0.1))
+    monkeypatch.setattr(pool_module, "WARM_GAP", 0.0)
+    pool = FakePool(limit=4, min_connections=2)
+    pool.refuse = 2
+    await asyncio.wait_for(pool.warm(), 1)  # type: ignore[arg-type]
+    assert pool.opened == []
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(pool.opened) == 2:
+            break
+    assert pool.open_count == 2 and len(pool.opened) == 2
+    await pool.close()
+
+
 async def test_a_closed_or_retired_pool_warms_nothing() -> None:
     pool = FakePool(limit=4, min_connections=2)
     pool.retire()

@@ -32,8 +32,9 @@ class Owner(Protocol):
     def forget(self, conn: Connection) -> None:
         """A connection closed: its slot is free."""
 
-    def first_answer(self, conn: Connection) -> None:
-        """A connection's first answer is whole (before its `release`)."""
+    def note_session(self, conn: Connection) -> None:
+        """A connection's first answer is whole (before its `release`): its TLS session may
+        serve the next connections."""
 
 
 def head_size(headers: list[tuple[bytes, bytes]]) -> int:
@@ -271,7 +272,7 @@ class Connection(asyncio.Protocol):
         self.response = None
         if self.reusable and self.sent_whole and not self.closed and not self.uploading:
             if not self.reused:
-                self.pool.first_answer(self)
+                self.pool.note_session(self)
             self.reused = True
             self.pool.release(self)
         else:

@@ -169,7 +169,7 @@ class UpstreamPool:
                 failed = [r for r in opened if not isinstance(r, Connection)]
                 for conn in opened:
                     if isinstance(conn, Connection):
-                        self.first_answer(conn)  # its session, if its ticket is in already
+                        self.note_session(conn)  # its session, if its ticket is in already
                         self.release(conn)  # to a waiting request, or idle
                 for _ in failed:
                     self._open -= 1
@@ -183,6 +183,7 @@ class UpstreamPool:
                         "trying again in %g s",
                         self.origin.host, failed[0], self._backoff,
                     )  # fmt: skip
+                    self.loop.call_later(self._backoff, self.warm)  # nothing else may ask
                     return
                 self._backoff = 0.0
         finally:
@@ -304,10 +305,11 @@ class UpstreamPool:
         conn.connection_made(secure)
         return conn
 
-    def first_answer(self, conn: Connection) -> None:
-        """Against https, a new connection's TLS session (in by its first answer) is offered
-        by the next connections to this host (`ResumingContext`): through uvloop, 759 µs of
-        CPU a new connection instead of 919 (100 in a row to the compiled upstream)."""
+    def note_session(self, conn: Connection) -> None:
+        """Against https, a new connection's TLS session (in by its first answer; TLS 1.3
+        sends it after the handshake) is offered by the next connections to this host
+        (`ResumingContext`): through uvloop, 759 µs of CPU a new connection instead of 919
+        (100 in a row to the compiled upstream)."""
         if isinstance(self.ssl, ResumingContext):
             tls = conn.transport.get_extra_info("ssl_object")
             if tls is not None:
