@@ -70,7 +70,7 @@ class EdgeServer(uvicorn.Server):
 
 def settle_heap() -> None:
     """Once the app is up: collect what start-up left, then move every object alive now (the
-    modules, settings, scripts, pools: about 400,000 objects) out of the collector's sight
+    modules, settings, scripts, pools: some 60,000 objects) out of the collector's sight
     (`gc.freeze`). A full collection then walks only what was made since. Measured under
     short answers (benchmarks/gc_pauses.py): a full collection once a second, which walked
     the start-up heap for 19-36 ms with the loop stopped, the 32-connection p99."""

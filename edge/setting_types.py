@@ -17,6 +17,7 @@ from edge.urls import check_proxy_url, check_upstream_url, redact_url
 
 Seconds = Annotated[float, Field(gt=0, le=86_400 * 365, allow_inf_nan=False)]
 Count = Annotated[int, Field(gt=0, le=1_000_000)]
+CountOrZero = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
 class Section(BaseModel):

@@ -47,7 +47,6 @@ from edge.setting_types import (
     json_list,
     split_list,
 )
-from edge.tls_files import client_context
 from edge.upstream_settings import (
     RoutingSettings,
     Upstream,
@@ -236,13 +235,8 @@ class Settings(Section):
         names = [entry.name for entry in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstreams: two upstreams have the same name")
-        for upstream in self.upstream_list if self.upstreams else ():
-            up = upstream.settings  # an entry's own files with [upstream]'s: do they load?
-            if up.ca_file or up.cert_file or up.key_file:
-                try:
-                    client_context(up.ca_file, up.cert_file, up.key_file)
-                except ValueError as exc:
-                    raise ValueError(f"upstreams: {upstream.name}: {exc}") from None
+        for entry in self.upstreams:  # each entry with [upstream]'s: valid together?
+            _entry_settings(self.upstream, entry)
         return self
 
     @property
@@ -253,32 +247,7 @@ class Settings(Section):
         base = self.upstream
         return tuple(
             Upstream(
-                entry.name,
-                base.model_copy(
-                    update={
-                        "url": entry.url,
-                        "api_key": entry.api_key,
-                        "organization": entry.organization,
-                        "project": entry.project,
-                        "connect_timeout": entry.connect_timeout or base.connect_timeout,
-                        "read_timeout": entry.read_timeout or base.read_timeout,
-                        "max_connections": entry.max_connections or base.max_connections,
-                        **{
-                            name: getattr(entry, name)
-                            for name in (
-                                "ca_file",
-                                "cert_file",
-                                "key_file",
-                                "proxy",
-                                "min_connections",
-                            )
-                            if getattr(entry, name) is not None
-                        },
-                    }
-                ),
-                entry.models,
-                entry.weight,
-                entry.routes,
+                entry.name, _entry_settings(base, entry), entry.models, entry.weight, entry.routes
             )
             for entry in self.upstreams
         )
@@ -306,6 +275,30 @@ SECTIONS: dict[str, type[Section]] = {
     "tracing": TracingSettings,
 }
 Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def _entry_settings(base: UpstreamSettings, entry: UpstreamEntry) -> UpstreamSettings:
+    """An `[[upstreams]]` entry's settings: its own, `[upstream]`'s where it has none, checked
+    together by `UpstreamSettings`' own validators (an entry's TLS files must load with
+    `[upstream]`'s, its `min_connections` fit its `max_connections`). ValueError naming the
+    entry when they do not."""
+    own = {
+        "url": entry.url,
+        "api_key": entry.api_key,
+        "organization": entry.organization,
+        "project": entry.project,
+        "connect_timeout": entry.connect_timeout or base.connect_timeout,
+        "read_timeout": entry.read_timeout or base.read_timeout,
+        "max_connections": entry.max_connections or base.max_connections,
+    }
+    for name in ("ca_file", "cert_file", "key_file", "proxy", "min_connections"):
+        if getattr(entry, name) is not None:
+            own[name] = getattr(entry, name)
+    try:
+        return UpstreamSettings.model_validate({**dict(base), **own})
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"upstreams: {entry.name}: {problem}") from None
 
 
 def load_settings(

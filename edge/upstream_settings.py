@@ -11,6 +11,7 @@ from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from edge.setting_types import (
     CaBundle,
     Count,
+    CountOrZero,
     EnvName,
     Glob,
     HeaderValue,
@@ -38,7 +39,7 @@ class UpstreamSettings(WithUrl):
     read_timeout: Seconds = 600.0
     max_connections: Count = 1000
     # kept open ahead of demand, per process (0: none); at most max_connections
-    min_connections: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    min_connections: CountOrZero = 0
     # an answer's head beyond either is a bad response (502): memory stays bounded
     max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     max_headers: Annotated[int, Field(ge=10, le=10_000)] = 100
@@ -79,7 +80,7 @@ class UpstreamEntry(WithUrl):
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
     max_connections: Count | None = None
-    min_connections: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    min_connections: CountOrZero | None = None
     ca_file: CaBundle | None = None  # None: [upstream]'s
     cert_file: PemFile | None = None
     key_file: PemFile | None = None

@@ -23,7 +23,7 @@ from tests.support.edge_process import EdgeProcess, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 from tests.support.ports import free_port
-from tests.support.procinfo import accepted_by
+from tests.support.procinfo import accepted_by, workers_of
 from tests.support.raw_http import request_head
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
@@ -32,22 +32,6 @@ pytestmark = pytest.mark.multiproc
 MakeKey = Callable[..., tuple[str, KeyRecord]]
 Spawn = Callable[..., EdgeProcess]
 ADMIN_TOKEN = "deploy-admin-token-0123456789"
-
-
-def workers_of(pid: int) -> list[int]:
-    """The worker processes a supervisor started (spawned interpreters, not its helpers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
 
 
 def fresh_connection_get(url: str, key: str) -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from edge.control.records import KeyRecord
 from edge.keys import make_key as forge_key
-from tests.support.edge_process import EdgeProcess, auth, edge_env
+from tests.support.edge_process import EdgeProcess, admin_json, auth, edge_env
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.redis_server import RedisServer
 
@@ -45,13 +45,7 @@ def leaky(
 
 
 def admin(proc: EdgeProcess, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    resp = httpx.request(
-        method, f"{proc.url}/admin{path}", headers=auth(TOKEN), json=body, timeout=10
-    )
-    assert resp.status_code in (200, 201), resp.text
-    data = resp.json()
-    assert isinstance(data, dict)
-    return data
+    return admin_json(proc, TOKEN, method, path, body)
 
 
 def report(proc: EdgeProcess, body: Any, token: str | None = TOKEN) -> httpx.Response:

@@ -38,6 +38,7 @@ from tests.support.named_upstream import (
     edge_env_for,
     write_config,
 )
+from tests.support.procinfo import workers_of
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
@@ -307,22 +308,6 @@ async def test_streams_in_flight_finish_on_the_upstream_they_started_on(
 
 
 # 4. Workers.
-
-
-def workers_of(pid: int) -> list[int]:
-    """The worker processes a supervisor started (spawned interpreters, not its helpers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
 
 
 @pytest.mark.multiproc

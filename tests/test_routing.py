@@ -87,6 +87,10 @@ def test_the_single_upstream_is_named_default_and_serves_every_model() -> None:
         (upstreams_env({**A, "name": "Bad Name"}), "upstreams.0.name"),
         (upstreams_env({**A, "weight": 0}), "upstreams.0.weight"),
         (upstreams_env({**A, "url": "ftp://x"}), "upstreams.0.url"),
+        (
+            upstreams_env({**A, "min_connections": 20}, EDGE_UPSTREAM_MAX_CONNECTIONS="10"),
+            "upstreams: a: min_connections (20) is more than max_connections (10)",
+        ),
         ({"EDGE_UPSTREAMS": "[not json"}, "upstreams"),
         ({"EDGE_ROUTING_FAILOVER_STATUSES": "200"}, "routing.failover_statuses"),
         ({"EDGE_ROUTING_MAX_ATTEMPTS": "0"}, "routing.max_attempts"),

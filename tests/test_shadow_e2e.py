@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from edge.keys import bucket_keys
-from tests.support.edge_process import EdgeProcess, auth, edge_env, run_cli
+from tests.support.edge_process import EdgeProcess, admin_json, auth, edge_env, run_cli
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.metrics import scrape, value
 from tests.support.named_upstream import PLANS, edge_config, write_config
@@ -84,13 +84,7 @@ def pair(
 
 
 def admin(proc: EdgeProcess, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    resp = httpx.request(
-        method, f"{proc.url}/admin{path}", headers=auth(TOKEN), json=body, timeout=10
-    )
-    assert resp.status_code in (200, 201), resp.text
-    data = resp.json()
-    assert isinstance(data, dict)
-    return data
+    return admin_json(proc, TOKEN, method, path, body)
 
 
 def create(pair: Pair, **body: Any) -> tuple[str, str]:

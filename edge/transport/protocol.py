@@ -92,7 +92,7 @@ def unlink(link: ClientLink) -> None:
     the start): scope → link → cycle → scope is a reference cycle, which left every request's
     cycle, scope and link (and uvicorn's Event) to the garbage collector instead of freeing
     them when the request ended. Measured (benchmarks/gc_pauses.py): 8 objects a request in
-    cycles, a generation-2 collection 1.6 times a second at 9,500 req/s, 19-25 ms each."""
+    cycles, a generation-2 collection 1.6 times a second at 9,500 req/s, 19-36 ms each."""
     link.cycle.scope.pop(CLIENT, None)  # type: ignore[attr-defined]
 
 

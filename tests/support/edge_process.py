@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -104,6 +105,19 @@ def inherited_env() -> dict[str, str]:
 def auth(key: str, **extra: str) -> dict[str, str]:
     """Request headers carrying `key`, plus any extra ones (fake-upstream knobs)."""
     return {"Authorization": f"Bearer {key}", **extra}
+
+
+def admin_json(
+    proc: EdgeProcess, token: str, method: str, path: str, body: Any = None
+) -> dict[str, Any]:
+    """One admin API call that must succeed (200 or 201): its JSON object."""
+    resp = httpx.request(
+        method, f"{proc.url}/admin{path}", headers=auth(token), json=body, timeout=10
+    )
+    assert resp.status_code in (200, 201), resp.text
+    data = resp.json()
+    assert isinstance(data, dict)
+    return data
 
 
 def edge_env(redis_url: str, upstream_url: str, **extra: str) -> dict[str, str]:

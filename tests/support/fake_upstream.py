@@ -124,15 +124,6 @@ class FakeUpstream(ThreadedApp):
         super().__init__()
         self.records: list[Record] = []
 
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The OpenAI base URL edge should be pointed at."""
-        return f"{self.base}/v1"
-
     def clear(self) -> None:
         self.records.clear()
 

@@ -118,15 +118,6 @@ class NamedUpstream(ThreadedApp):
 
     # Life cycle.
 
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The OpenAI base URL edge is pointed at."""
-        return f"{self.base}/v1"
-
     # Knobs and reading.
 
     def fail_next(self, n: int, status: int = 503) -> None:

@@ -68,11 +68,6 @@ class OtlpReceiver(ThreadedApp):
         self._spans: list[Span] = []
         self._lock = threading.Lock()
 
-    @property
-    def base(self) -> str:
-        """What `tracing.otlp_endpoint` is set to (the exporter adds /v1/traces)."""
-        return f"http://127.0.0.1:{self.port}"
-
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         with self._lock:

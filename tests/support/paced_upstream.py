@@ -73,10 +73,6 @@ class PacedUpstream(ThreadedApp):
         super().__init__()
         self.streams: list[Paced] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         if request.method == "POST" and request.path.endswith("/chat/completions"):

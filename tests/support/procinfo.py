@@ -66,6 +66,22 @@ def accepted_by(pids: list[int], port: int) -> dict[int, int]:
     return held
 
 
+def workers_of(pid: int) -> list[int]:
+    """The worker processes a supervisor started (spawned interpreters, not its helpers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def tree(pid: int) -> list[int]:
     """`pid` and all its descendants (a supervisor and its workers, nginx and its worker)."""
     found = [pid]

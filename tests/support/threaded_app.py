@@ -37,6 +37,15 @@ class ThreadedApp:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL edge is pointed at (an upstream's): requests arrive as /v1/…."""
+        return f"{self.base}/v1"
+
     def __enter__(self) -> Any:
         return self.start()
 
